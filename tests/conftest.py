@@ -1,0 +1,12 @@
+"""Shared test setup: nothing may touch the network, everything runs on CPU."""
+import os
+
+# Set before transformers / huggingface_hub / open_clip are imported anywhere.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
