@@ -1,0 +1,482 @@
+"""Distillation step cost against its alternatives, measured side by side in one run.
+
+    .venv/bin/python bench/bench_distill.py            # full: 3 interleaved repeats, ~6 min on 2 CPU cores
+    .venv/bin/python bench/bench_distill.py --quick    # 1 repeat, fewer steps (~2 min)
+
+Issue "Speed and memory targets". Every configuration runs in its own fresh
+subprocess; the configurations are interleaved (the order rotates each repeat) and
+each number reported is the median over the repeats, so a noisy machine moves all
+of them alike. Configurations (same student, batch, sequence, layer, LoRA, fp32,
+non-reentrant activation checkpointing in every one):
+
+  lora       plain LoRA step (next-token loss only, no tap, SDPA)
+  distill    MedAlign step: DistillTap (alignment transform at layer-1, one-layer
+             attention capture at layer) + L_vis (alpha=1) + L_att (beta=0.03), cache
+             targets resized on the device with train.teacher_targets_on_device
+  reference  the reference way: eager attention in EVERY layer, output_attentions=True,
+             L_att from outputs.attentions[layer]; alignment transform still applied
+  online     the teacher (precompute.teachers.load_teacher("unimed", random_init=True),
+             the real ViT-B/16 architecture) held in memory and run inside every step
+             on the batch's images (precompute.build.teacher_targets) instead of the cache
+  loader     cache reads: TeacherGroup.native_packed over a few hundred samples of a real
+             Zarr cache (P=196, fp16, written with GroupWriter) + the resize to grid 24,
+             batched as in training, samples/s
+
+Goals (the ratios printed at the end):
+  1. distill / lora:  step time <= 1.15x, step-peak memory <= 1.10x
+  2. reference / distill: step-peak memory >= 2x
+  3. online - distill: step time and memory lower by (at least ~) the teacher's measured share
+  4. loader samples/s >= 20x the samples/s a distill step consumes
+
+Memory on CPU: RSS. "step peak" = the high-water mark during the steps (warm-up
+included, so the optimiser state is in it) minus the RSS just before the first step;
+the high-water mark is the max of a psutil sampler thread (1 ms) and the kernel's
+VmHWM (reset through /proc/self/clear_refs just before the steps when the kernel
+allows it). "total peak" = the process's whole RSS high-water mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# ----------------------------------------------------------------------------- the setup
+
+BATCH = 2
+LAYER = 4
+LORA_R = 16
+ALPHA, BETA = 1.0, 0.03
+STUDENT_IMAGE, STUDENT_PATCH = 336, 14      # LLaVA-Med's tower: a 24 x 24 grid, 576 visual tokens
+TEACHER = "unimed"                          # ViT-B/16 at 224 px: native grid 14, P = 196
+CACHE_SAMPLES = 384
+CONFIGS = ("lora", "distill", "reference", "online", "loader")
+
+# Two prompts/answers of slightly different lengths (right padding in the batch);
+# with the byte tokenizer and 576 visual tokens the sequences are ~645 tokens.
+SAMPLES = [("Which organ shows an abnormality?", "The left lung."),
+           ("Is there a fracture in this image?", "No fracture is seen.")]
+
+
+def make_student(out: Path) -> Path:
+    """A random LLaVA, representative in shape but CPU-sized: CLIP tower 336 px / patch 14
+    (24 x 24 grid, 1 layer used + 1), Mistral decoder 512 wide, 8 heads / 4 kv heads, 8 layers."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, MistralConfig)
+
+    from distill.student import TINY_CHAT_TEMPLATE, _tiny_tokenizer
+
+    tokenizer = _tiny_tokenizer()
+    vision = CLIPVisionConfig(image_size=STUDENT_IMAGE, patch_size=STUDENT_PATCH, hidden_size=64,
+                              intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              projection_dim=64)
+    text = MistralConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                         sliding_window=None, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False)
+    grid = STUDENT_IMAGE // STUDENT_PATCH
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=grid * grid, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config)
+    model.save_pretrained(out)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": STUDENT_IMAGE},
+                                         crop_size={"height": STUDENT_IMAGE, "width": STUDENT_IMAGE})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=STUDENT_PATCH,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   image_token="<image>", chat_template=TINY_CHAT_TEMPLATE).save_pretrained(out)
+    return out
+
+
+def image_key(i: int) -> str:
+    return f"img_{i:05d}.png"
+
+
+def make_images(root: Path, n: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        base = (rng.random((32, 32)) * 255).astype(np.uint8)
+        Image.fromarray(base).resize((384, 384), Image.BICUBIC).save(root / image_key(i))
+
+
+def make_cache(cache: Path, n: int) -> dict:
+    """A real Zarr cache group written with GroupWriter: n samples of B/16-sized targets
+    (packed fp16 cosines of random unit tokens, fp32 softmax attention)."""
+    import numpy as np
+    import torch
+
+    from precompute.cache import GroupWriter
+    from precompute.targets import pack_upper, patch_similarity
+    from precompute.teachers import load_teacher
+
+    teacher = load_teacher(TEACHER, random_init=True)
+    metadata = dict(teacher.metadata)
+    metadata["preprocessing"] = {**metadata["preprocessing"], "pad_to_square": False}
+    P = teacher.num_patches
+    del teacher
+    keys = [image_key(i) for i in range(n)]
+    writer = GroupWriter.open(cache, TEACHER, keys, P, metadata)   # the default shard size
+    shard = writer.shard_size
+    g = torch.Generator().manual_seed(0)
+    with writer.lock():
+        for lo in range(0, n, shard):
+            rows = np.arange(lo, min(n, lo + shard), dtype=np.int64)
+            tokens = torch.randn(len(rows), P, 64, generator=g)
+            sim = pack_upper(patch_similarity(tokens)).half().numpy()
+            attn = torch.randn(len(rows), P, generator=g).softmax(-1).numpy().astype(np.float32)
+            writer.write_rows(rows, sim, attn, {})
+    return {"num_patches": P, "samples": n}
+
+
+def setup(work: Path) -> None:
+    make_student(work / "student")
+    make_images(work / "images", BATCH)   # the cache rows need no image files
+    make_cache(work / "cache", CACHE_SAMPLES)
+
+
+def records():
+    from precompute.datasets import Record
+
+    return [Record(id=f"s{i}", images=(image_key(i),), turns=((q, a),), task="vqa")
+            for i, (q, a) in enumerate(SAMPLES[:BATCH])]
+
+
+# ----------------------------------------------------------------------------- memory
+
+class PeakRSS:
+    """RSS high-water mark over a stretch of code: psutil sampled every `interval` s in a
+    thread, plus the kernel's VmHWM reset at start (when /proc/self/clear_refs allows it)."""
+
+    def __init__(self, interval: float = 0.001):
+        import psutil
+        self.proc, self.interval = psutil.Process(), interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self.kernel_reset = False
+
+    @staticmethod
+    def vm_hwm() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.total_before = self.vm_hwm()
+        self.baseline = self.proc.memory_info().rss
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+            self.kernel_reset = True
+        except OSError:
+            pass
+        self.peak = self.baseline
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        if self.kernel_reset:
+            self.peak = max(self.peak, self.vm_hwm())
+        self.total = max(self.total_before, self.vm_hwm(), self.peak)
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+def reference_prompt_attention(attentions, query_mask, visual_index):
+    """The reference's a_s: eager weights [B, H, T, T] of one layer -> heads averaged, the
+    prompt rows averaged, the visual columns kept -> [B, V]."""
+    att = attentions.float().mean(1)                                      # [B, T, T]
+    qm = query_mask.to(att.dtype)
+    rows = (att * qm[..., None]).sum(1) / qm.sum(1, keepdim=True)         # [B, T]
+    return rows.gather(1, visual_index)
+
+
+def run_loader(work: Path, batches: int | None) -> dict:
+    import numpy as np
+    import torch
+
+    from distill.train import teacher_targets_on_device
+    from precompute.cache import open_cache
+
+    grid = STUDENT_IMAGE // STUDENT_PATCH
+    t_open = time.perf_counter()
+    group = open_cache(work / "cache")[TEACHER]
+    native = group.native_grid
+    keys = [image_key(i) for i in range(CACHE_SAMPLES)]
+    open_s = time.perf_counter() - t_open
+    n = 0
+    t0 = time.perf_counter()
+    for lo in range(0, len(keys), BATCH):
+        ks = keys[lo:lo + BATCH]
+        items = [group.native_packed(k) for k in ks]   # as DistillDataset.__getitem__ + collate do
+        batch = {"teacher_sim": torch.stack([torch.from_numpy(np.asarray(s)) for s, _ in items]),
+                 "teacher_attn": torch.stack([torch.from_numpy(np.asarray(a)) for _, a in items])}
+        sim, attn = teacher_targets_on_device(batch, grid, native, torch.device("cpu"), True, True)
+        assert sim.shape == (len(ks), grid * grid, grid * grid) and attn.shape == (len(ks), grid * grid)
+        n += len(ks)
+    dt = time.perf_counter() - t0
+    return {"config": "loader", "samples": n, "seconds": dt, "samples_per_s": n / dt, "open_s": open_s}
+
+
+def run_config(name: str, work: Path, steps: int, warmup: int) -> dict:
+    import torch
+
+    from distill.data import DistillDataset, make_collate
+    from distill.losses import attention_distill_loss, visual_alignment_loss
+    from distill.student import AlignmentTransform, DistillTap, apply_lora, load_student
+    from distill.train import teacher_targets_on_device
+
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    student = load_student(str(work / "student"), dtype=torch.float32,
+                           attn_implementation="eager" if name == "reference" else "sdpa", device="cpu")
+    apply_lora(student, r=LORA_R, alpha=16, dropout=0.05)
+    model = student.model
+    distill = name in ("distill", "reference", "online")
+    transform = tap = teacher = None
+    if distill:
+        transform = AlignmentTransform(student.hidden_size).to(device)
+        tap = DistillTap(student, LAYER, transform, capture_attention=(name != "reference"))
+    # as train.py does on a GPU: non-reentrant activation checkpointing
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+
+    group = None
+    if name in ("distill", "reference"):
+        from precompute.cache import open_cache
+        group = open_cache(work / "cache")[TEACHER]
+    dataset = DistillDataset(records(), work / "images", student.processor, student.num_visual_tokens,
+                             1024, group, False)
+    pad_id = student.processor.tokenizer.pad_token_id
+    collate = make_collate(pad_id, student.image_token_id, student.num_visual_tokens)
+    batch = collate([dataset[i] for i in range(BATCH)])
+    native_grid = group.native_grid if group is not None else None
+
+    rss_teacher = 0
+    if name == "online":
+        import psutil
+
+        from precompute.build import teacher_targets
+        from precompute.images import load_image
+        from precompute.teachers import load_teacher
+        gc.collect()
+        before = psutil.Process().memory_info().rss
+        teacher = load_teacher(TEACHER, random_init=True)
+        rss_teacher = psutil.Process().memory_info().rss - before
+        native_grid = teacher.grid
+        # the teacher's own preprocessing, done where a DataLoader would do it (outside the step)
+        teacher_pixels = torch.stack([teacher.preprocess(load_image(work / "images" / image_key(i)))
+                                      for i in range(BATCH)])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if transform is not None:
+        params += list(transform.parameters())
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+    inputs["pixel_values"] = batch["pixel_values"].to(device, dtype=model.dtype)
+    if name == "reference":
+        inputs["output_attentions"] = True
+    visual_index, query_mask = batch["visual_index"].to(device), batch["query_mask"].to(device)
+    teacher_times = []
+
+    def step():
+        targets = batch
+        if teacher is not None:   # online: the teacher runs on this batch's images now
+            t = time.perf_counter()
+            sim_np, attn_np = teacher_targets(teacher, teacher_pixels)
+            targets = {"teacher_sim": torch.from_numpy(sim_np), "teacher_attn": torch.from_numpy(attn_np)}
+            teacher_times.append(time.perf_counter() - t)
+        if tap is not None:
+            tap.set_batch(visual_index, query_mask)
+        outputs = model(**inputs)
+        loss = outputs.loss.float()
+        if distill:
+            sim_t, attn_t = teacher_targets_on_device(targets, student.grid, native_grid, device, True, True)
+            vis = visual_alignment_loss(tap.aligned_visual.float(), sim_t)
+            if name == "reference":
+                a_s = reference_prompt_attention(outputs.attentions[LAYER], query_mask, visual_index)
+            else:
+                a_s = tap.visual_attention
+            att = attention_distill_loss(a_s.float(), attn_t)
+            loss = loss + ALPHA * vis + BETA * att
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.item())
+
+    del dataset
+    gc.collect()
+    times = []
+    with PeakRSS() as mem:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            loss = step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    if teacher_times:
+        teacher_times = teacher_times[warmup:]
+    return {"config": name, "step_s": statistics.median(times), "step_times": times,
+            "step_peak_mb": (mem.peak - mem.baseline) / 2**20, "total_peak_mb": mem.total / 2**20,
+            "baseline_mb": mem.baseline / 2**20, "kernel_hwm": mem.kernel_reset,
+            "teacher_s": statistics.median(teacher_times) if teacher_times else None,
+            "teacher_rss_mb": rss_teacher / 2**20, "seq_len": int(batch["input_ids"].shape[1]),
+            "visual_tokens": student.num_visual_tokens, "loss": loss, "threads": torch.get_num_threads()}
+
+
+def worker(args) -> None:
+    import warnings
+    warnings.filterwarnings("ignore")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    work = Path(args.work)
+    if args.worker == "loader":
+        result = run_loader(work, None)
+    else:
+        result = run_config(args.worker, work, args.steps, args.warmup)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def spawn(name: str, work: Path, steps: int, warmup: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work),
+           "--steps", str(steps), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"worker {name} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def med(runs, key):
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def report(results: dict, repeats: int, steps: int, warmup: int, elapsed: float) -> None:
+    m = {c: {k: med(results[c], k) for k in ("step_s", "step_peak_mb", "total_peak_mb", "teacher_s",
+                                              "teacher_rss_mb", "samples_per_s")} for c in results}
+    any_run = results["distill"][0]
+    print(f"\nstudent: LLaVA (CLIP 336/14 -> {any_run['visual_tokens']} visual tokens, Mistral 512 wide, 8 layers, "
+          f"8 heads / 4 kv), batch {BATCH}, seq {any_run['seq_len']}, layer {LAYER}, LoRA r {LORA_R}, fp32, "
+          f"non-reentrant activation checkpointing, {any_run['threads']} threads; teacher {TEACHER} ViT-B/16 "
+          f"(P=196); medians of {repeats} fresh-process repeat(s), {steps} timed steps after {warmup} warm-up; "
+          f"memory = RSS ({'psutil 1 ms + kernel VmHWM' if any_run['kernel_hwm'] else 'psutil 1 ms'})")
+    print(f"\n{'config':<10} {'step s':>8} {'step-peak MB':>13} {'total-peak MB':>14}   per-repeat step s")
+    for c in ("lora", "distill", "reference", "online"):
+        per = " ".join(f"{r['step_s']:.3f}" for r in results[c])
+        print(f"{c:<10} {m[c]['step_s']:>8.3f} {m[c]['step_peak_mb']:>13.1f} {m[c]['total_peak_mb']:>14.1f}   {per}")
+    ld = m["loader"]["samples_per_s"]
+    print(f"{'loader':<10} {ld:>8.1f} samples/s over {results['loader'][0]['samples']} cached samples "
+          f"(native_packed + resize to grid 24); per repeat: "
+          + " ".join(f"{r['samples_per_s']:.1f}" for r in results["loader"]))
+    print(f"online: teacher forward {m['online']['teacher_s']:.3f} s/step, teacher resident "
+          f"{m['online']['teacher_rss_mb']:.1f} MB")
+
+    rows = []
+
+    def goal(label, value, target, ok, fmt="{:.2f}x"):
+        rows.append((label, fmt.format(value), target, "PASS" if ok else "MISS"))
+
+    d, lo, ref, on = m["distill"], m["lora"], m["reference"], m["online"]
+    r = d["step_s"] / lo["step_s"]
+    goal("1a step time distill/lora", r, "<= 1.15x", r <= 1.15)
+    r = d["step_peak_mb"] / lo["step_peak_mb"]
+    goal("1b step-peak mem distill/lora", r, "<= 1.10x", r <= 1.10)
+    r = d["total_peak_mb"] / lo["total_peak_mb"]
+    rows.append(("   (total-peak distill/lora)", f"{r:.2f}x", "info", ""))
+    r = ref["step_peak_mb"] / d["step_peak_mb"]
+    goal("2  step-peak mem reference/distill", r, ">= 2x", r >= 2.0)
+    r = ref["total_peak_mb"] / d["total_peak_mb"]
+    rows.append(("   (total-peak reference/distill)", f"{r:.2f}x", "info", ""))
+    r = ref["step_s"] / d["step_s"]
+    rows.append(("   (step time reference/distill)", f"{r:.2f}x", "info", ""))
+    saved_t, share_t = on["step_s"] - d["step_s"], on["teacher_s"]
+    goal("3a time saved online-distill / teacher fwd", saved_t / share_t, ">= 0.90 of share",
+         saved_t >= 0.9 * share_t, fmt="{:.2f}")
+    rows.append(("   (seconds: saved / teacher share)", f"{saved_t:.3f}/{share_t:.3f}", "info", ""))
+    saved_m = on["total_peak_mb"] - d["total_peak_mb"]
+    share_m = on["teacher_rss_mb"] + max(0.0, on["step_peak_mb"] - d["step_peak_mb"])
+    goal("3b total-peak saved online-distill / teacher mem", saved_m / share_m, ">= 0.90 of share",
+         saved_m >= 0.9 * share_m, fmt="{:.2f}")
+    rows.append(("   (MB: saved / teacher weights + activations)", f"{saved_m:.0f}/{share_m:.0f}", "info", ""))
+    rows.append(("   (step time online/distill)", f"{on['step_s'] / d['step_s']:.2f}x", "info", ""))
+    consume = BATCH / d["step_s"]
+    r = ld / consume
+    goal("4  loader samples/s / distill-step samples/s", r, ">= 20x", r >= 20)
+    rows.append(("   (samples/s: loader / step consumes)", f"{ld:.1f}/{consume:.2f}", "info", ""))
+
+    w = max(len(x[0]) for x in rows)
+    print(f"\n{'goal':<{w}}  {'measured':>12}  {'target':<18} result")
+    for label, val, target, res in rows:
+        print(f"{label:<{w}}  {val:>12}  {target:<18} {res}")
+    print(f"\nwall time {elapsed:.0f} s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 repeat, 1 warm-up + 2 timed steps")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per process")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per process")
+    ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    repeats = args.repeats or (1 if args.quick else 3)
+    steps = args.steps or (2 if args.quick else 4)
+    warmup = args.warmup if args.warmup is not None else 1
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
+        work = Path(tmp)
+        print(f"setup: random student, {CACHE_SAMPLES} images, Zarr cache ({TEACHER}, P=196) ...", flush=True)
+        setup(work)
+        results = {c: [] for c in CONFIGS}
+        for rep in range(repeats):
+            order = CONFIGS[rep % len(CONFIGS):] + CONFIGS[:rep % len(CONFIGS)]
+            for c in order:
+                r = spawn(c, work, steps, warmup)
+                results[c].append(r)
+                brief = (f"{r['samples_per_s']:.1f} samples/s" if c == "loader" else
+                         f"step {r['step_s']:.3f} s, step-peak {r['step_peak_mb']:.1f} MB, "
+                         f"total {r['total_peak_mb']:.1f} MB")
+                print(f"  repeat {rep + 1}/{repeats} {c:<9} {brief}", flush=True)
+        report(results, repeats, steps, warmup, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""One frozen, validated config per training run, saved next to its outputs.
+
+Defaults follow the reference recipe (METHOD.md): layer 20, alpha 1.0, beta 0.03,
+LoRA r 32 / alpha 16 / dropout 0.05 on the language model, lr 2e-4 cosine with 3%
+warmup, no weight decay, effective batch 32, max length 1024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # what to train on
+    cache: Path
+    teacher: str                     # cache group (teacher name or alias)
+    student: str                     # local transformers LLaVA directory, or "tiny"
+    data: Path
+    image_root: Path
+    out: Path
+    format: str = "auto"
+    split: str | None = None
+    # the method
+    layer: int = 20                  # attention loss at decoder layer index `layer`, transform at `layer - 1`
+    alpha: float = 1.0               # weight of the spatial visual alignment loss (0 = off, no cost)
+    beta: float = 0.03               # weight of the attention distillation loss (0 = off, no cost)
+    eps: float = 1.0                 # alignment transform X + eps * X W^T
+    align_rank: int | None = None    # None: full D x D W; r: low-rank W = B A
+    attn_loss: str = "kl"            # "kl" (reference) | "softmax-kl"
+    attn_temperature: float = 1.0
+    pad_to_square: bool | None = None  # None: follow the cache's teacher preprocessing
+    # LoRA
+    lora_r: int = 32
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] | None = None   # None: every linear layer of the language model
+    # optimisation
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int | None = None     # optimiser steps; overrides epochs
+    batch_size: int = 4              # per process, per micro-step
+    grad_accum: int = 8              # effective batch = batch_size * grad_accum (reference: 32)
+    max_length: int = 1024
+    gradient_checkpointing: bool | None = None   # None: on for CUDA, off on CPU
+    precision: str = "auto"          # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    device: str = "auto"
+    num_workers: int = 2
+    seed: int = 0
+    # bookkeeping
+    save_every: int = 500
+    log_every: int = 10
+    resume: bool = False
+
+    def __post_init__(self):
+        for name in ("cache", "data", "image_root", "out"):
+            object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        if self.lora_targets is not None:
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        problems = []
+        if self.layer < 1:
+            problems.append(f"layer must be >= 1 (the transform sits at layer - 1), got {self.layer}")
+        if self.alpha < 0 or self.beta < 0:
+            problems.append("alpha and beta must be >= 0")
+        if self.attn_loss not in ("kl", "softmax-kl"):
+            problems.append(f"attn_loss must be 'kl' or 'softmax-kl', got {self.attn_loss!r}")
+        if self.attn_temperature <= 0:
+            problems.append("attn_temperature must be > 0")
+        if self.align_rank is not None and self.align_rank < 1:
+            problems.append("align_rank must be >= 1 (or None for a full matrix)")
+        if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
+            problems.append("lora_r must be >= 1 and 0 <= lora_dropout < 1")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
+            problems.append("lr must be > 0, weight_decay >= 0, 0 <= warmup_ratio < 1")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_length < 16:
+            problems.append("batch_size and grad_accum must be >= 1, max_length >= 16")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append("max_steps must be >= 1")
+        if self.max_steps is None and self.epochs <= 0:
+            problems.append("epochs must be > 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.save_every < 1 or self.log_every < 1 or self.num_workers < 0:
+            problems.append("save_every and log_every must be >= 1, num_workers >= 0")
+        if problems:
+            raise ValueError("invalid run config:\n  " + "\n  ".join(problems))
+
+    @property
+    def distill(self) -> bool:
+        return self.alpha > 0 or self.beta > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                for k, v in d.items()}
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """A JSON or YAML file of RunConfig fields (CLI flags override them)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use JSON") from e
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    # Relative paths in a config file are relative to the file, as users expect.
+    for key in ("cache", "data", "image_root", "out"):
+        if key in data and data[key] is not None and not Path(data[key]).expanduser().is_absolute():
+            data[key] = str((path.parent / data[key]).resolve())
+    return data

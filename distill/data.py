@@ -1,0 +1,162 @@
+"""Records + a cache group + the student's processor -> padded training batches.
+
+Each sample carries, besides input ids and labels (only answer tokens are
+learned), what the distillation losses need and the reference hard-codes:
+- `visual_index`: the positions of the image's tokens, found from the image
+  token id (the reference assumes 576 tokens starting at index 34);
+- `query_mask`: the prompt text tokens after the image and before the answer,
+  the rows averaged into the student's text-to-visual attention;
+- the teacher targets at the cache's native grid (packed fp16 similarity, fp32
+  attention): resizing to the student grid is two matmuls done on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from precompute.cache import TeacherGroup
+from precompute.datasets import Record, resolve_image
+from precompute.images import expand2square, load_image
+
+
+class SampleError(ValueError):
+    """A training sample that cannot be turned into a batch; names the record."""
+
+
+def conversation(turns, upto: int | None = None, include_last_answer: bool = True):
+    """Chat-template messages for `turns`; the image goes with the first user turn."""
+    messages = []
+    turns = turns[:upto] if upto is not None else turns
+    for i, (human, answer) in enumerate(turns):
+        content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": human}]
+        messages.append({"role": "user", "content": content})
+        if include_last_answer or i < len(turns) - 1:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    query_rows: tuple[int, int]     # [start, end) of the prompt text after the image, first turn
+
+
+def encode(processor, record: Record, num_visual_tokens: int, max_length: int) -> Encoded:
+    """Tokenise a record with the student's chat template; labels only on answers.
+
+    The template is rendered for growing prefixes of the conversation so every
+    answer's token span is found by prefix lengths, whatever the template's
+    markup (Mistral [INST], llava_v1 USER/ASSISTANT, ...).
+    """
+    tok = processor.tokenizer
+    image_token = processor.image_token
+    expand = lambda text: text.replace(image_token, image_token * num_visual_tokens, 1)  # noqa: E731
+
+    # Some templates write BOS themselves, others (most llava-hf ones) rely on the
+    # tokenizer adding it: add it only when the tokenizer would and the text lacks it.
+    bos = tok.bos_token_id
+    tokenizer_adds_bos = bos is not None and tok("x")["input_ids"][:1] == [bos]
+
+    def ids(messages, generation_prompt):
+        text = processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        if image_token not in text:
+            raise SampleError(f"record {record.id!r}: the student's chat template dropped the image token "
+                              f"{image_token!r}; check the processor's chat_template")
+        out = tok(expand(text), add_special_tokens=False)["input_ids"]
+        return [bos] + out if tokenizer_adds_bos and out[:1] != [bos] else out
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for t in range(len(record.turns)):
+        prompt_ids = ids(conversation(record.turns, t + 1, include_last_answer=False), True)
+        full_ids = ids(conversation(record.turns, t + 1), False)
+        if full_ids[:len(input_ids)] != input_ids or full_ids[:len(prompt_ids)] != prompt_ids:
+            raise SampleError(f"record {record.id!r}: the chat template does not render turns as prefixes "
+                              f"of each other; cannot locate the answer tokens")
+        labels += [-100] * (len(prompt_ids) - len(input_ids)) + full_ids[len(prompt_ids):]
+        input_ids = full_ids
+        if t == 0:
+            image_token_id = tok.convert_tokens_to_ids(image_token)
+            visual = [i for i, x in enumerate(prompt_ids) if x == image_token_id]
+            query_rows = (visual[-1] + 1, len(prompt_ids))
+    if query_rows[0] >= query_rows[1]:
+        raise SampleError(f"record {record.id!r}: no prompt text follows the image")
+    if len(input_ids) > max_length:
+        if query_rows[1] >= max_length:
+            raise SampleError(f"record {record.id!r}: image and prompt alone take {query_rows[1]} tokens, "
+                              f"more than max_length {max_length}; raise --max-length")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]  # truncate the answer's end
+    return Encoded(input_ids, labels, query_rows)
+
+
+class DistillDataset(Dataset):
+    """One record -> one sample (its first image: LLaVA-style students take one)."""
+
+    def __init__(self, records: list[Record], image_root, processor, num_visual_tokens: int,
+                 max_length: int, group: TeacherGroup | None, pad_to_square: bool):
+        self.records, self.image_root, self.processor = records, image_root, processor
+        self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
+        self.group, self.pad_to_square = group, pad_to_square
+        mean = getattr(processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
+        self.pad_color = tuple(int(255 * m) for m in mean)  # as LLaVA: int(255 * mean)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        record = self.records[i]
+        key = record.images[0]
+        image = load_image(resolve_image(self.image_root, key))
+        if self.pad_to_square:
+            image = expand2square(image, self.pad_color)
+        pixels = self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        enc = encode(self.processor, record, self.num_visual_tokens, self.max_length)
+        item = {"input_ids": enc.input_ids, "labels": enc.labels, "query_rows": enc.query_rows,
+                "pixel_values": pixels, "index": i}
+        if self.group is not None:
+            sim, attn = self.group.native_packed(key)
+            item["teacher_sim"] = torch.from_numpy(np.asarray(sim))
+            item["teacher_attn"] = torch.from_numpy(np.asarray(attn))
+        return item
+
+
+def make_collate(pad_id: int, image_token_id: int, num_visual_tokens: int):
+    """Right-pads a list of samples into tensors (right padding keeps the causal
+    rows of the prompt unaffected by pads)."""
+
+    def collate(items):
+        T = max(len(it["input_ids"]) for it in items)
+        B = len(items)
+        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        query_mask = torch.zeros((B, T), dtype=torch.bool)
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            input_ids[b, :n] = torch.tensor(it["input_ids"])
+            labels[b, :n] = torch.tensor(it["labels"])
+            attention_mask[b, :n] = 1
+            lo, hi = it["query_rows"]
+            query_mask[b, lo:hi] = True
+        visual = input_ids == image_token_id
+        counts = visual.sum(1)
+        if not bool((counts == num_visual_tokens).all()):
+            raise SampleError(f"expected {num_visual_tokens} image tokens per sample, found {counts.tolist()}")
+        batch = {
+            "input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            "visual_index": visual.nonzero()[:, 1].view(B, num_visual_tokens),
+            "query_mask": query_mask,
+            "index": torch.tensor([it["index"] for it in items]),
+        }
+        if "teacher_sim" in items[0]:
+            batch["teacher_sim"] = torch.stack([it["teacher_sim"] for it in items])
+            batch["teacher_attn"] = torch.stack([it["teacher_attn"] for it in items])
+        return batch
+
+    return collate

@@ -1,0 +1,395 @@
+"""Stage two: LoRA fine-tuning of a LLaVA-style student with MedAlign's losses.
+
+    L = L_ntp + alpha * L_vis + beta * L_att        (METHOD.md)
+
+The teacher is never loaded: its targets stream from the cache at their native
+grid and are resized to the student's grid on the device. A run directory holds
+everything needed to read, resume or reuse the run:
+
+    config.json  cache_metadata.json  versions.json  train.log  metrics.jsonl
+    checkpoints/step-0000100/   (adapter/, alignment/, optimizer.pt, scheduler.pt, rng.pt, state.json)
+    adapter/  alignment/        (final: plain peft format + the alignment transform)
+    loss_curves.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from precompute.cache import open_cache
+from precompute.datasets import load_records
+from precompute.targets import bilinear_matrix, resize_attention, resize_similarity, unpack_upper
+
+from .config import RunConfig
+from .data import DistillDataset, make_collate
+from .losses import attention_distill_loss, visual_alignment_loss
+from .student import (AlignmentTransform, DistillTap, apply_lora, load_alignment, load_student,
+                      make_tiny_student, save_alignment)
+
+log = logging.getLogger("medalign.distill")
+
+
+@dataclass
+class TrainResult:
+    """What `train` leaves in memory besides the run directory (for notebooks, eval, tests)."""
+    out: Path
+    student: object          # distill.student.Student, model peft-wrapped
+    transform: AlignmentTransform | None
+    tap: DistillTap | None
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- run directory
+
+def _setup_logging(out: Path) -> None:
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    fh = logging.FileHandler(out / "train.log")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(fh)
+    log.propagate = False
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+    import zarr
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "zarr": zarr.__version__}
+
+
+def _device(config: RunConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------- preflight
+
+def preflight(config: RunConfig, records, group, student) -> list[str]:
+    """Everything that would make the run train on wrong or missing targets,
+    checked before step one. Returns warnings; raises RunError on problems."""
+    warnings = []
+    unusable = [r.id for r in records if not r.turns]
+    if unusable:
+        raise RunError(f"{len(unusable)} records have no question/answer (e.g. {unusable[:3]}): a folder of "
+                       f"images can feed a cache build, but training needs a dataset with conversations")
+    multi = sum(len(r.images) > 1 for r in records)
+    if multi:
+        warnings.append(f"{multi} records name several images; the student sees the first of each "
+                        f"(LLaVA-style students take one image)")
+    if student.num_layers <= config.layer:
+        raise RunError(f"--layer {config.layer} needs a student with more than {config.layer} decoder "
+                       f"layers; this one has {student.num_layers}")
+    if group is None:
+        return warnings
+    keys = sorted({r.images[0] for r in records})
+    missing = group.missing(keys)
+    if missing:
+        shown = "\n  ".join(missing[:10])
+        raise RunError(
+            f"{len(missing)} of {len(keys)} training images have no finished target in cache group "
+            f"{group.name!r} ({group.path}):\n  {shown}{' ...' if len(missing) > 10 else ''}\n"
+            f"Run `medalign-cache build --teacher {group.metadata.get('teacher', group.name)} "
+            f"--data {config.data} --image-root {config.image_root} --cache {config.cache}` "
+            f"(it resumes and computes only what is missing).")
+    if group.metadata.get("recipe") is None:
+        raise RunError(f"cache group {group.name!r} has no target recipe in its metadata; rebuild it")
+    if group.metadata.get("random_init") or group.metadata.get("tiny"):
+        warnings.append(f"cache group {group.name!r} holds targets of a random-init or tiny teacher: "
+                        f"fine for tests and demos, meaningless for research")
+    return warnings
+
+
+# ----------------------------------------------------------------------------- batches
+
+def micro_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The sample order of an epoch: a seeded permutation, so a resumed run sees
+    exactly the batches the uninterrupted one would have seen."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def batch_stream(dataset, collate, config: RunConfig, start_micro: int, pin: bool):
+    """Yields micro-batches forever (epoch after epoch), starting at `start_micro`."""
+    per_epoch = math.ceil(len(dataset) / config.batch_size)
+    epoch, skip = divmod(start_micro, per_epoch)
+    while True:
+        batches = micro_batches(len(dataset), config.batch_size, config.seed, epoch)[skip:]
+        # Own generator: a DataLoader otherwise draws its worker seed from the global RNG,
+        # which LoRA dropout also uses, and a resumed run would drift from the original.
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                            num_workers=config.num_workers, pin_memory=pin,
+                            generator=torch.Generator().manual_seed(config.seed + epoch))
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def teacher_targets_on_device(batch, grid: int, native_grid: int, device, need_sim: bool, need_attn: bool):
+    """Native-grid cache targets -> METHOD.md's S_t [B,V,V], a_t [B,V] at the student grid."""
+    R = bilinear_matrix(native_grid, grid).to(device)
+    sim = attn = None
+    if need_sim:
+        packed = batch["teacher_sim"].to(device, non_blocking=True).float()
+        sim = resize_similarity(unpack_upper(packed, native_grid * native_grid), R)
+    if need_attn:
+        attn = resize_attention(batch["teacher_attn"].to(device, non_blocking=True).float(), R)
+    return sim, attn
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _trainable(model, transform):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if transform is not None:
+        params += list(transform.parameters())
+    return params
+
+
+def save_checkpoint(out: Path, step: int, micro: int, model, transform, config, optimizer, scheduler):
+    final = out / "checkpoints" / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
+    if transform is not None:
+        save_alignment(transform, tmp / "alignment", layer=config.layer)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "micro_step": micro}))
+    tmp.rename(final)  # a checkpoint directory exists only once complete
+    for old in sorted((out / "checkpoints").glob("step-???????"))[:-2]:
+        shutil.rmtree(old)
+    log.info("checkpoint %s", final)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Steps logged after the checkpoint are redone by the resumed run: drop them."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted((out / "checkpoints").glob("step-???????"))
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler) -> tuple[int, int]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+    if transform is not None:
+        transform.load_state_dict(load_alignment(ckpt / "alignment").state_dict())
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((ckpt / "state.json").read_text())
+    return state["step"], state["micro_step"]
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(config: RunConfig, progress: bool = True) -> TrainResult:
+    from transformers import get_cosine_schedule_with_warmup
+
+    out = config.out
+    if out.exists() and (out / "config.json").exists() and not config.resume:
+        raise RunError(f"run directory {out} already holds a run: pass --resume to continue it, "
+                       f"or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if config.resume and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        now = config.to_dict()
+        diff = {k: (saved.get(k), now[k]) for k in now if k != "resume" and saved.get(k) != now[k]}
+        if diff:
+            raise RunError(f"--resume with a different config than the run in {out}: "
+                           + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+    _setup_logging(out)
+    config.save(out / "config.json")
+    (out / "versions.json").write_text(json.dumps(_versions(), indent=2) + "\n")
+    torch.manual_seed(config.seed)
+    device = _device(config)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+
+    # ---- data, cache, student
+    records = load_records(config.data, config.image_root, fmt=config.format, split=config.split)
+    group = open_cache(config.cache)[config.teacher] if config.distill else None
+    student_path = config.student
+    if student_path == "tiny":
+        student_path = out / "tiny-student"
+        if not (student_path / "config.json").exists():
+            make_tiny_student(student_path, seed=config.seed)
+    student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32,
+                           device=str(device))
+    for w in preflight(config, records, group, student):
+        log.warning(w)
+        tqdm.write(f"warning: {w}")
+    if group is not None:
+        (out / "cache_metadata.json").write_text(json.dumps(group.metadata, indent=2, default=str) + "\n")
+        native_grid = group.native_grid
+    pad = config.pad_to_square
+    if pad is None:
+        pad = bool(group.metadata.get("preprocessing", {}).get("pad_to_square")) if group else False
+
+    apply_lora(student, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+               target_modules=list(config.lora_targets) if config.lora_targets else None)
+    model = student.model
+    transform = None
+    if config.alpha > 0:
+        transform = AlignmentTransform(student.hidden_size, eps=config.eps, rank=config.align_rank).to(device)
+    tap = DistillTap(student, config.layer, transform, capture_attention=config.beta > 0) \
+        if config.distill else None
+    use_ckpt = config.gradient_checkpointing if config.gradient_checkpointing is not None \
+        else device.type == "cuda"
+    if use_ckpt:
+        # Non-reentrant: the reentrant variant silently drops the attention loss's gradient.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+
+    dataset = DistillDataset(records, config.image_root, student.processor, student.num_visual_tokens,
+                             config.max_length, group, pad)
+    pad_id = student.processor.tokenizer.pad_token_id
+    collate = make_collate(pad_id if pad_id is not None else 0, student.image_token_id,
+                           student.num_visual_tokens)
+    micro_per_epoch = math.ceil(len(dataset) / config.batch_size)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
+
+    params = _trainable(model, transform)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps),
+                                                total_steps)
+    step, micro = 0, 0
+    if config.resume and (ckpt := latest_checkpoint(out)) is not None:
+        step, micro = load_checkpoint(ckpt, model, transform, optimizer, scheduler)
+        _truncate_metrics(out / "metrics.jsonl", step)
+        log.info("resumed from %s at step %d", ckpt, step)
+    log.info("run %s: %d samples, %d optimiser steps, effective batch %d, student grid %d, %s, device %s",
+             out, len(dataset), total_steps, config.batch_size * config.grad_accum, student.grid,
+             "distill (alpha=%g, beta=%g, layer %d)" % (config.alpha, config.beta, config.layer)
+             if config.distill else "plain LoRA", device)
+
+    stream = batch_stream(dataset, collate, config, micro, pin=device.type == "cuda")
+    metrics_file = (out / "metrics.jsonl").open("a")
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    while step < total_steps:
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "ntp": 0.0, "vis": 0.0, "att": 0.0}
+        tokens = samples = 0
+        for _ in range(config.grad_accum):
+            batch = next(stream)
+            micro += 1
+            if tap is not None:
+                tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                outputs = model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device),
+                                pixel_values=batch["pixel_values"].to(device, dtype=model.dtype),
+                                labels=batch["labels"].to(device))
+            loss = ntp = outputs.loss.float()
+            vis = att = None
+            if tap is not None:
+                sim_t, attn_t = teacher_targets_on_device(batch, student.grid, native_grid, device,
+                                                          config.alpha > 0, config.beta > 0)
+                if config.alpha > 0:
+                    vis = visual_alignment_loss(tap.aligned_visual.float(), sim_t)
+                    loss = loss + config.alpha * vis
+                if config.beta > 0:
+                    att = attention_distill_loss(tap.visual_attention.float(), attn_t,
+                                                 mode=config.attn_loss, temperature=config.attn_temperature)
+                    loss = loss + config.beta * att
+            (loss / config.grad_accum).backward()
+            sums["loss"] += loss.item() / config.grad_accum
+            sums["ntp"] += ntp.item() / config.grad_accum
+            sums["vis"] += (vis.item() if vis is not None else 0.0) / config.grad_accum
+            sums["att"] += (att.item() if att is not None else 0.0) / config.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+            samples += batch["input_ids"].shape[0]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        record = {"step": step, **sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "step_time_s": dt,
+                  "peak_memory_mb": _peak_memory_mb(device)}
+        if not config.alpha:
+            record.pop("vis")
+        if not config.beta:
+            record.pop("att")
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{tokens / dt:.0f}")
+        if step % config.log_every == 0 or step == total_steps:
+            log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if step % config.save_every == 0 and step < total_steps:
+            save_checkpoint(out, step, micro, model, transform, config, optimizer, scheduler)
+    bar.close()
+    metrics_file.close()
+
+    model.save_pretrained(out / "adapter")
+    if transform is not None:
+        save_alignment(transform, out / "alignment", layer=config.layer)
+    plot_loss_curves(out / "metrics.jsonl", out / "loss_curves.png")
+    log.info("done: adapter in %s", out / "adapter")
+    return TrainResult(out, student, transform, tap)
+
+
+def plot_loss_curves(metrics_path: Path, png: Path) -> None:
+    """One panel per loss term, so a small term is not flattened by a large one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    terms = [t for t in ("loss", "ntp", "vis", "att") if any(t in r for r in rows)]
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
+    names = {"loss": "total", "ntp": "next-token", "vis": "visual alignment (L_vis)",
+             "att": "attention distillation (L_att)"}
+    for ax, t in zip(axes[0], terms):
+        xs = [r["step"] for r in rows if t in r]
+        ax.plot(xs, [r[t] for r in rows if t in r], lw=1)
+        ax.set_title(names[t], fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,288 @@
+"""Stage one: run a teacher once over a dataset's images and store its targets.
+
+    records -> unique image keys -> pending rows of the cache group
+      -> DataLoader workers decode + preprocess (overlaps the forward)
+      -> batched teacher forward (inference_mode) -> similarity + attention
+      -> rows buffered per shard -> background thread writes each shard
+
+Resume is free: the cache's per-row status is the only progress record, written
+after the row's targets, so rerunning the same command redoes only what never
+reached the status array. Nothing is accumulated per sample beyond one shard.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .cache import CacheError, GroupWriter, open_cache
+from .datasets import cache_keys, load_records, resolve_image
+from .images import ImageError, expand2square, load_image
+from .targets import pack_upper, patch_similarity
+from .teachers import Teacher, load_teacher
+
+
+class BuildError(RuntimeError):
+    """A build stopped on bad input; the message names the sample and the fix."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    teacher: str
+    cache: Path
+    image_root: Path
+    data: Path | None = None          # None: every image under image_root
+    checkpoint: Path | None = None
+    random_init: bool = False
+    fmt: str = "auto"
+    split: str | None = None
+    group: str | None = None          # default: the teacher's canonical name
+    pad_to_square: bool = False       # LLaVA-Med's expand2square before the teacher's own transform
+    batch_size: int = 32
+    num_workers: int = 2
+    device: str = "cpu"
+    on_error: str = "fail"            # "fail" | "skip"
+    shard_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        if self.random_init and self.checkpoint is not None:
+            raise ValueError("give either a checkpoint or random_init, not both")
+        if not Path(self.image_root).is_dir():
+            raise ValueError(f"image root {self.image_root} is not a directory")
+
+
+@dataclass
+class BuildReport:
+    group: str
+    total: int
+    computed: int = 0
+    failed: int = 0
+    already_done: int = 0
+    seconds: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+
+class _ImageRows(Dataset):
+    """Decodes and preprocesses one cache row in a worker; errors travel as text."""
+
+    def __init__(self, rows, keys, image_root, preprocess, pad_to_square, pad_color):
+        self.rows, self.keys = rows, keys
+        self.image_root, self.preprocess = Path(image_root), preprocess
+        self.pad_to_square, self.pad_color = pad_to_square, pad_color
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = int(self.rows[i])
+        key = self.keys[row]
+        try:
+            image = load_image(resolve_image(self.image_root, key))
+            if self.pad_to_square:
+                image = expand2square(image, self.pad_color)
+            return row, self.preprocess(image), None
+        except (ImageError, ValueError, OSError) as e:
+            return row, None, str(e)
+
+
+def _collate(items):
+    ok = [(r, x) for r, x, err in items if err is None]
+    bad = [(r, err) for r, _, err in items if err is not None]
+    rows = torch.tensor([r for r, _ in ok], dtype=torch.long)
+    pixels = torch.stack([x for _, x in ok]) if ok else None
+    return rows, pixels, bad
+
+
+def teacher_targets(teacher: Teacher, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels -> (packed fp16 similarity [B, M], fp32 CLS attention [B, P]) as stored."""
+    tokens, attention = teacher(pixels)
+    packed = pack_upper(patch_similarity(tokens))
+    return packed.half().cpu().numpy(), attention.float().cpu().numpy()
+
+
+class _ShardBuffer:
+    """Collects finished rows per shard; hands a shard to the writer thread once
+    no later batch can add to it (rows arrive in ascending order)."""
+
+    def __init__(self, writer: GroupWriter, pool: ThreadPoolExecutor):
+        self.writer, self.pool = writer, pool
+        self.rows: dict[int, list] = {}
+        self.pending: list[Future] = []
+
+    def add(self, row: int, sim: np.ndarray | None, attn: np.ndarray | None, error: str | None):
+        self.rows.setdefault(row // self.writer.shard_size, []).append((row, sim, attn, error))
+
+    def flush(self, before_shard: int | None = None):
+        for shard in sorted(self.rows):
+            if before_shard is not None and shard >= before_shard:
+                break
+            self._submit(self.rows.pop(shard))
+        # Surface writer errors promptly instead of at the very end.
+        done = [f for f in self.pending if f.done()]
+        for f in done:
+            f.result()
+            self.pending.remove(f)
+
+    def _submit(self, entries):
+        entries.sort(key=lambda e: e[0])
+        rows = np.array([e[0] for e in entries], dtype=np.int64)
+        P, M = self.writer.num_patches, self.writer.num_patches * (self.writer.num_patches - 1) // 2
+        sim = np.full((len(rows), M), np.nan, dtype=np.float16)
+        attn = np.full((len(rows), P), np.nan, dtype=np.float32)
+        failures = {}
+        for i, (row, s, a, err) in enumerate(entries):
+            if err is None:
+                sim[i], attn[i] = s, a
+            else:
+                failures[row] = err
+        self.pending.append(self.pool.submit(self.writer.write_rows, rows, sim, attn, failures))
+
+    def close(self):
+        self.flush()
+        for f in self.pending:
+            f.result()
+        self.pending.clear()
+
+
+def build_cache(config: BuildConfig, progress: bool = True) -> BuildReport:
+    records = load_records(config.data, config.image_root, fmt=config.fmt, split=config.split)
+    keys = cache_keys(records)
+    teacher = load_teacher(config.teacher, str(config.checkpoint) if config.checkpoint else None,
+                           random_init=config.random_init, device=config.device, seed=config.seed)
+    metadata = dict(teacher.metadata)
+    metadata["preprocessing"] = {**metadata["preprocessing"], "pad_to_square": config.pad_to_square}
+    group = config.group or teacher.spec.name
+    writer = GroupWriter.open(config.cache, group, keys, teacher.num_patches, metadata,
+                              shard_size=config.shard_size)
+    report = BuildReport(group=group, total=len(writer.keys))
+    # LLaVA-Med pads with the image mean so padding looks like "nothing" after normalisation.
+    pad_color = tuple(int(255 * m) for m in teacher.mean)
+
+    with writer.lock():
+        writer.clean_partials()
+        pending = writer.pending_rows()
+        report.already_done = report.total - len(pending)
+        if len(pending) == 0:
+            return report
+        loader = DataLoader(
+            _ImageRows(pending, writer.keys, config.image_root, teacher.preprocess,
+                       config.pad_to_square, pad_color),
+            batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=_collate,
+            pin_memory=config.device.startswith("cuda"),
+            persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None,
+        )
+        bar = tqdm(total=len(pending), desc=f"teacher {group}", unit="img", disable=not progress,
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            buffer = _ShardBuffer(writer, pool)
+            try:
+                for rows, pixels, bad in loader:
+                    for row, err in bad:
+                        key = writer.keys[row]
+                        if config.on_error == "fail":
+                            raise BuildError(
+                                f"{resolve_image(config.image_root, key)}: {err}\n"
+                                f"Fix or remove this image, or rerun with --on-error skip to record it as "
+                                f"failed and go on (finished rows are kept; the rerun resumes).")
+                        buffer.add(row, None, None, err)
+                        report.failures[key] = err
+                    if pixels is not None:
+                        sim, attn = teacher_targets(teacher, pixels.to(config.device, non_blocking=True))
+                        for i, row in enumerate(rows.tolist()):
+                            buffer.add(row, sim[i], attn[i], None)
+                    report.computed += len(rows)
+                    report.failed += len(bad)
+                    first_row = min([*rows.tolist(), *(r for r, _ in bad)])
+                    buffer.flush(before_shard=first_row // writer.shard_size)
+                    bar.update(len(rows) + len(bad))
+            finally:
+                # On success, on bad input and on Ctrl-C alike: what was computed is kept.
+                buffer.close()
+                bar.close()
+        report.seconds = time.perf_counter() - start
+    return report
+
+
+@dataclass
+class VerifyReport:
+    group: str
+    total: int
+    done: int
+    failed: int
+    pending: int
+    checked: int = 0
+    max_abs_error: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# fp16 storage rounds cosines to ~5e-4; repeated forwards on other hardware or thread
+# counts differ by far less. Anything above this is a different computation.
+VERIFY_ATOL = 2e-3
+
+
+def verify_cache(cache_path: Path, teacher_name: str, image_root: Path, checkpoint: Path | None = None,
+                 random_init: bool = False, samples: int = 8, seed: int = 0, device: str = "cpu",
+                 group: str | None = None) -> VerifyReport:
+    """Recompute a random subset of done samples and compare; check completeness and metadata."""
+    g = open_cache(cache_path)[group or teacher_name]
+    keys = g.keys()
+    status = [g.status(k) for k in keys]
+    report = VerifyReport(group=g.name, total=len(keys), done=status.count("done"),
+                          failed=status.count("failed"), pending=status.count("pending"))
+    if report.pending:
+        report.problems.append(f"{report.pending} of {report.total} samples were never computed: "
+                               f"rerun the same `medalign-cache build` command to finish them")
+    teacher = load_teacher(teacher_name, str(checkpoint) if checkpoint else None,
+                           random_init=random_init, device=device, seed=seed)
+    for field_name in ("arch", "checkpoint_sha256", "random_init", "recipe", "num_patches"):
+        stored, now = g.metadata.get(field_name), teacher.metadata.get(field_name)
+        if stored != now:
+            report.problems.append(f"metadata {field_name!r}: cache has {stored!r}, this teacher has {now!r}")
+    if report.problems and any("metadata" in p for p in report.problems):
+        return report  # recomputing with another teacher would only repeat the mismatch
+
+    done_keys = [k for k, s in zip(keys, status) if s == "done"]
+    chosen = random.Random(seed).sample(done_keys, min(samples, len(done_keys)))
+    pad = g.metadata.get("preprocessing", {}).get("pad_to_square", False)
+    pad_color = tuple(int(255 * m) for m in teacher.mean)
+    for key in chosen:
+        image = load_image(resolve_image(image_root, key))
+        if pad:
+            image = expand2square(image, pad_color)
+        sim, attn = teacher_targets(teacher, teacher.preprocess(image)[None].to(device))
+        stored_sim, stored_attn = g.native_packed(key)
+        err = max(float(np.abs(sim[0].astype(np.float32) - stored_sim.astype(np.float32)).max()),
+                  float(np.abs(attn[0] - stored_attn).max()))
+        report.max_abs_error = max(report.max_abs_error, err)
+        report.checked += 1
+        if err > VERIFY_ATOL:
+            report.problems.append(f"{key}: stored targets differ from a fresh teacher run by {err:.2e} "
+                                   f"(> {VERIFY_ATOL:.0e}): the image changed or the cache is stale; "
+                                   f"rebuild this group")
+    return report
+
+
+__all__ = ["BuildConfig", "BuildError", "BuildReport", "build_cache", "verify_cache", "VerifyReport",
+           "teacher_targets", "CacheError"]

@@ -1,0 +1,638 @@
+"""The teacher-target cache: a Zarr v3 store, its writer, and THE reader.
+
+    <cache>/zarr.json                 root group, attrs {"medalign_cache_schema": 1}
+    <cache>/<group>/zarr.json         group attrs: the teacher's metadata + schema_version, shard_size, num_patches
+    <cache>/<group>/keys              str [N]       sample keys (image paths relative to the image root)
+    <cache>/<group>/status            uint8 [N]     0 pending, 1 done, 2 failed (the commit marker)
+    <cache>/<group>/similarity        float16 [N, M] packed strict upper triangle, M = P(P-1)/2
+    <cache>/<group>/attention         float32 [N, P] CLS attention at the native grid (not max-normalised)
+    <cache>/<group>/failures.jsonl    {"key", "error"} per failed sample
+    <cache>/<group>/build.lock        flock'd by the one build that may write the group
+
+cache_schema.md is the full description (enough to read a cache with plain zarr + numpy).
+
+Writes go through zarr-python (that is what makes the store a standard Zarr store).
+Reads do not: zarr-python spends milliseconds per single-row read, so `_RowReader`
+parses the shard index itself and reads a row with one pread + one blosc decode.
+"""
+
+import fcntl
+import json
+import math
+import os
+import re
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import google_crc32c
+import numcodecs.blosc
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, BytesCodec
+
+from .targets import bilinear_matrix, resize_attention, resize_similarity, unpack_upper
+
+SCHEMA_VERSION = 1
+ROOT_ATTR = "medalign_cache_schema"
+PENDING, DONE, FAILED = 0, 1, 2
+STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
+# Metadata that decides what the stored numbers are: two builds differing in any of
+# these must never share a group. (seed matters only for random-init teachers.)
+IDENTITY_FIELDS = ("teacher", "arch", "checkpoint_sha256", "preprocessing", "recipe", "num_patches",
+                   "random_init", "seed")
+# Measured on fp16 cosine matrices (cache_schema.md, "Codec choice"): byte shuffle + lz4hc
+# level 1 stores ~1.4x smaller than raw, encodes faster than zstd-3 and decodes 4x faster
+# (zstd's extra ~10% of size would cost reads the 0.15x-of-memmap budget).
+BLOSC = {"cname": "lz4hc", "clevel": 1, "shuffle": "shuffle"}
+SHARD_TARGET_BYTES = 32 * 2**20  # one shard file ~ tens of MB: few files, cheap rewrites
+KEYS_CHUNK = 65536
+GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_UINT64 = np.uint64(2**64 - 1)
+
+
+class CacheError(RuntimeError):
+    """Every user-facing cache problem; the message names the path or key and the fix."""
+
+
+class CacheLockedError(CacheError):
+    """Another build holds the group's lock."""
+
+
+def packed_size(num_patches: int) -> int:
+    return num_patches * (num_patches - 1) // 2
+
+
+def default_shard_size(num_patches: int) -> int:
+    """Samples per shard file: ~SHARD_TARGET_BYTES of raw targets, within [16, 512]."""
+    per_sample = packed_size(num_patches) * 2 + num_patches * 4
+    return int(min(512, max(16, SHARD_TARGET_BYTES // per_sample)))
+
+
+def _json_normal(obj):
+    # What zarr will store and give back: tuples become lists, Paths become strings.
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CacheError(f"cannot read {path}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- lock
+
+@contextmanager
+def _flock(lock_path: Path, what: str):
+    """Exclusive, non-blocking flock; the holder's pid is written in the file for the message."""
+    f = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise CacheLockedError(
+                f"another build is writing {what} (pid {holder}, lock {lock_path}); wait for it to finish, "
+                f"or stop it (its finished rows are kept) and rerun") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        f.close()
+
+
+# ----------------------------------------------------------------------------- writer
+
+def _create_arrays(gpath: Path, n: int, num_patches: int, shard_size: int):
+    M, P = packed_size(num_patches), num_patches
+    # One chunk per sample (the unit a reader fetches), many chunks per shard file
+    # (the unit the file system sees). NaN fill: a row never written reads as NaN.
+    for name, width, dtype in (("similarity", M, "float16"), ("attention", P, "float32")):
+        zarr.create_array(store=str(gpath / name), shape=(n, width), chunks=(1, width),
+                          shards=(shard_size, width), dtype=dtype, fill_value=np.nan,
+                          serializer=BytesCodec(endian="little"), compressors=BloscCodec(**BLOSC),
+                          overwrite=True)
+    # status is 1 byte a sample: plain chunks, one per shard, so committing a shard's
+    # rows rewrites exactly one small file.
+    zarr.create_array(store=str(gpath / "status"), shape=(n,), chunks=(shard_size,), dtype="uint8",
+                      fill_value=PENDING, compressors=None, overwrite=True)
+    zarr.create_array(store=str(gpath / "keys"), shape=(n,), chunks=(min(max(n, 1), KEYS_CHUNK),),
+                      dtype=str, overwrite=True)
+
+
+def _open_root(cache_path: Path) -> None:
+    """Create the root group, or check that an existing one is a medalign cache."""
+    meta = cache_path / "zarr.json"
+    if meta.exists():
+        _check_root(cache_path)
+        return
+    if cache_path.exists() and (not cache_path.is_dir() or any(cache_path.iterdir())):
+        raise CacheError(f"{cache_path} exists and is not a medalign cache; choose a new or empty folder "
+                         f"for --cache")
+    cache_path.mkdir(parents=True, exist_ok=True)
+    zarr.create_group(store=str(cache_path), attributes={ROOT_ATTR: SCHEMA_VERSION}, overwrite=False)
+
+
+class GroupWriter:
+    """Creates or extends one teacher group and writes rows into it (used by build.py).
+
+    Call `write_rows` and `clean_partials` inside `with writer.lock():`.
+    """
+
+    def __init__(self, cache_path: Path, group: str, keys: list[str], requested: np.ndarray):
+        self.cache_path, self.group = cache_path, group
+        self.path = cache_path / group
+        attrs = _read_json(self.path / "zarr.json")["attributes"]
+        self.metadata = attrs
+        self.num_patches, self.shard_size = int(attrs["num_patches"]), int(attrs["shard_size"])
+        self.keys = keys
+        self.num_shards = math.ceil(len(keys) / self.shard_size)
+        self._requested = requested
+        self._status = zarr.open_array(str(self.path / "status"), mode="r+")
+        self._similarity = zarr.open_array(str(self.path / "similarity"), mode="r+")
+        self._attention = zarr.open_array(str(self.path / "attention"), mode="r+")
+        self._locked = False
+
+    @classmethod
+    def open(cls, cache_path, group: str, keys: Sequence[str], num_patches: int, metadata: dict,
+             shard_size: int | None = None) -> "GroupWriter":
+        """Create `group` for `keys`, or extend an existing group built by the same teacher.
+
+        Existing keys keep their row and their results; new keys are appended as pending.
+        """
+        cache_path = Path(cache_path)
+        keys = list(keys)
+        if not GROUP_NAME.match(group or ""):
+            raise CacheError(f"group name {group!r} is not usable as a folder name in {cache_path}; "
+                             f"use letters, digits, '.', '_' and '-' (e.g. --group unimed-b16)")
+        bad = [k for k in keys if not isinstance(k, str) or not k]
+        if bad:
+            raise CacheError(f"cache keys must be non-empty strings, got {bad[:3]!r}")
+        if len(set(keys)) != len(keys):
+            dup = sorted({k for k in keys if keys.count(k) > 1})[:5] if len(keys) < 10000 else "several"
+            raise CacheError(f"cache keys repeat ({dup}): each image must appear once; deduplicate them")
+        metadata = _json_normal(metadata)
+        if metadata.get("num_patches", num_patches) != num_patches:
+            raise CacheError(f"metadata says {metadata['num_patches']} patches but num_patches={num_patches}")
+        if math.isqrt(num_patches) ** 2 != num_patches or num_patches < 2:
+            raise CacheError(f"num_patches={num_patches} is not a square patch grid")
+
+        _open_root(cache_path)
+        gpath = cache_path / group
+        gpath.mkdir(exist_ok=True)
+        # Deciding "create or append" and doing it happen under the build lock, so two
+        # builds starting together cannot both create (or both extend) the group.
+        with _flock(gpath / "build.lock", f"group {group!r} of cache {cache_path}"):
+            if (gpath / "zarr.json").exists():
+                attrs = _read_json(gpath / "zarr.json").get("attributes", {})
+                _check_group_schema(gpath, attrs)
+                _check_identity(gpath, attrs, {**metadata, "num_patches": num_patches})
+                if shard_size is not None and shard_size != attrs["shard_size"]:
+                    raise CacheError(f"cache group {gpath} was created with shard size {attrs['shard_size']}; "
+                                     f"rerun with --shard-size {attrs['shard_size']} or without --shard-size")
+                old = zarr.open_array(str(gpath / "keys"), mode="r")[:].tolist()
+                known = set(old)
+                new = [k for k in keys if k not in known]
+                if new:
+                    cls._append(gpath, len(old), new)
+                all_keys = old + new
+            else:
+                shard_size = default_shard_size(num_patches) if shard_size is None else int(shard_size)
+                if shard_size < 1:
+                    raise CacheError(f"shard size must be positive, got {shard_size}")
+                # Arrays first, group zarr.json last: the group only exists once complete,
+                # so a crash here just means the next run creates it again.
+                _create_arrays(gpath, len(keys), num_patches, shard_size)
+                if keys:
+                    zarr.open_array(str(gpath / "keys"), mode="r+")[:] = np.array(keys, dtype=object)
+                attrs = {**metadata, "schema_version": SCHEMA_VERSION, "shard_size": shard_size,
+                         "num_patches": num_patches}
+                zarr.create_group(store=str(gpath), attributes=attrs, overwrite=False)
+                all_keys = keys
+        index = {k: i for i, k in enumerate(all_keys)}
+        return cls(cache_path, group, all_keys, np.array([index[k] for k in keys], dtype=np.int64))
+
+    @staticmethod
+    def _append(gpath: Path, n_old: int, new: list[str]):
+        n = n_old + len(new)
+        # keys last: their length is the group's size, so a crash before it leaves the
+        # group as it was (the arrays are merely longer) and the next run appends again.
+        for name in ("similarity", "attention"):
+            arr = zarr.open_array(str(gpath / name), mode="r+")
+            arr.resize((n, arr.shape[1]))
+        status = zarr.open_array(str(gpath / "status"), mode="r+")
+        status.resize((n,))
+        status[n_old:n] = PENDING
+        keys = zarr.open_array(str(gpath / "keys"), mode="r+")
+        keys.resize((n,))
+        keys[n_old:n] = np.array(new, dtype=object)
+
+    @contextmanager
+    def lock(self):
+        """Hold the group's build lock (non-blocking; CacheLockedError if another build has it)."""
+        with _flock(self.path / "build.lock", f"group {self.group!r} of cache {self.cache_path}"):
+            self._locked = True
+            try:
+                yield self
+            finally:
+                self._locked = False
+
+    def _require_lock(self, what: str):
+        if not self._locked:
+            raise CacheError(f"{what} needs the group's lock: call it inside `with writer.lock():`")
+
+    def pending_rows(self, retry_failed: bool = False) -> np.ndarray:
+        """Sorted rows of the keys this writer was opened with that still need computing
+        (status pending; also failed ones with retry_failed). Resume = compute only these."""
+        status = self._status[:][self._requested]
+        todo = (status == PENDING) | ((status == FAILED) if retry_failed else False)
+        return np.sort(self._requested[todo])
+
+    def write_rows(self, rows: np.ndarray, similarity_packed: np.ndarray, attention: np.ndarray,
+                   failures: dict[int, str]):
+        """Store targets for sorted `rows` of ONE shard; rows in `failures` are stored as failed.
+
+        Targets first, then status: status is the commit marker, so a crash in between
+        leaves the rows pending (recomputed next run), never done-with-garbage.
+        """
+        self._require_lock("write_rows")
+        rows = np.asarray(rows, dtype=np.int64)
+        n, M, P = len(rows), packed_size(self.num_patches), self.num_patches
+        if n == 0:
+            return
+        if rows.ndim != 1 or (np.diff(rows) <= 0).any() or rows[0] < 0 or rows[-1] >= len(self.keys):
+            raise CacheError(f"rows must be sorted, unique and in [0, {len(self.keys)}), got {rows[:8]}...")
+        if rows[0] // self.shard_size != rows[-1] // self.shard_size:
+            raise CacheError(f"rows {rows[0]}..{rows[-1]} span several shards of {self.shard_size}; "
+                             f"write one shard at a time")
+        for name, arr, shape, dtype in (("similarity_packed", similarity_packed, (n, M), np.float16),
+                                        ("attention", attention, (n, P), np.float32)):
+            if arr.shape != shape or arr.dtype != dtype:
+                raise CacheError(f"{name} must be {np.dtype(dtype)} {shape}, got {arr.dtype} {arr.shape}")
+        unknown = set(failures) - set(rows.tolist())
+        if unknown:
+            raise CacheError(f"failures name rows {sorted(unknown)[:5]} that are not being written")
+
+        failed = np.isin(rows, list(failures))
+        good = np.isfinite(similarity_packed).all(1) & np.isfinite(attention).all(1) & (attention.max(1) > 0)
+        broken = np.flatnonzero(~failed & ~good)
+        if len(broken):
+            key = self.keys[rows[broken[0]]]
+            raise CacheError(f"targets for {key!r} contain NaN/inf or an all-zero attention map; they are not "
+                             f"stored as done (teacher overflow in low precision? try --device cpu or fp32), "
+                             f"or record the sample as failed")
+        sim, attn = similarity_packed.copy(), attention.copy()
+        sim[failed], attn[failed] = np.nan, np.nan
+        status = np.where(failed, FAILED, DONE).astype(np.uint8)
+
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo == n:  # contiguous: plain slice writes
+            self._similarity[lo:hi] = sim
+            self._attention[lo:hi] = attn
+        else:
+            # zarr 3.1 cannot write an integer selection into a sharded array, so merge
+            # into the row range's current contents and write that back: still one shard
+            # rewrite (zarr keeps the untouched chunks' encoded bytes as they are).
+            for arr, values in ((self._similarity, sim), (self._attention, attn)):
+                block = arr[lo:hi]
+                block[rows - lo] = values
+                arr[lo:hi] = block
+        if failures:
+            with open(self.path / "failures.jsonl", "a") as f:
+                for row in sorted(failures):
+                    f.write(json.dumps({"key": self.keys[row], "error": str(failures[row])}) + "\n")
+        current = self._status[lo:hi]
+        current[rows - lo] = status
+        self._status[lo:hi] = current
+
+    def clean_partials(self) -> int:
+        """Delete temp files (*.partial) a killed writer left behind; returns how many.
+        Under the lock, so no live writer's temp file can be among them."""
+        self._require_lock("clean_partials")
+        leftovers = list(self.path.rglob("*.partial"))
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+        return len(leftovers)
+
+
+def _check_identity(gpath: Path, stored: dict, metadata: dict):
+    for field in IDENTITY_FIELDS:
+        if stored.get(field) != metadata.get(field):
+            raise CacheError(
+                f"cache group {gpath} holds targets of a different teacher: {field!r} is "
+                f"{stored.get(field)!r} there, {metadata.get(field)!r} now. Targets of different teachers "
+                f"must not mix; use another group name (--group {gpath.name}-2) or another --cache")
+
+
+def _check_group_schema(gpath: Path, attrs: dict):
+    version = attrs.get("schema_version")
+    if not isinstance(version, int):
+        raise CacheError(f"{gpath} is not a medalign cache group (no schema_version)")
+    if version > SCHEMA_VERSION:
+        raise CacheError(f"cache group {gpath} has schema {version}, newer than this medalign "
+                         f"understands ({SCHEMA_VERSION}); upgrade medalign")
+
+
+def _check_root(path: Path) -> dict:
+    meta = _read_json(path / "zarr.json")
+    version = meta.get("attributes", {}).get(ROOT_ATTR)
+    if meta.get("node_type") != "group" or not isinstance(version, int):
+        raise CacheError(f"{path} is a Zarr store but not a medalign cache (no {ROOT_ATTR!r} attribute)")
+    if version > SCHEMA_VERSION:
+        raise CacheError(f"cache {path} has schema {version}, newer than this medalign understands "
+                         f"({SCHEMA_VERSION}); upgrade medalign")
+    return meta
+
+
+# ----------------------------------------------------------------------------- reader
+
+_warned: set[str] = set()
+
+
+class _RowReader:
+    """Row i of a 2-D array laid out as GroupWriter writes it (chunks (1, W) in shards
+    (S, W), codecs bytes(little) + blosc), read without zarr-python.
+
+    A shard file holds its chunks followed by the index: S (offset, nbytes) uint64 pairs
+    and a crc32c of them. The index is read once per shard file version; then a row is
+    one os.pread + one blosc decode. File descriptors are per process (reopened after a
+    fork: DataLoader workers) and at most MAX_OPEN stay open.
+    """
+
+    MAX_OPEN = 64
+
+    def __init__(self, path: Path):
+        self.path = path
+        meta = _read_json(path / "zarr.json")
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.width = int(meta["shape"][1])
+        self.fast = self._layout(meta)
+        if not self.fast:
+            if str(path) not in _warned:
+                _warned.add(str(path))
+                warnings.warn(f"{path}: codecs are not the ones medalign writes; reading through "
+                              f"zarr-python (correct, ~100x slower)", stacklevel=3)
+            self._zarr = zarr.open_array(str(path), mode="r")
+        self._indexes: dict[int, tuple[tuple, np.ndarray]] = {}
+        self._reset()
+
+    def _layout(self, meta: dict) -> bool:
+        try:
+            (shard,) = meta["codecs"]
+            cfg = shard["configuration"]
+            inner = [c["name"] for c in cfg["codecs"]]
+            ok = (shard["name"] == "sharding_indexed" and inner == ["bytes", "blosc"]
+                  and cfg["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+                  and cfg["chunk_shape"] == [1, self.width]
+                  and [c["name"] for c in cfg["index_codecs"]] == ["bytes", "crc32c"]
+                  and cfg["index_codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+                  and cfg.get("index_location", "end") == "end"
+                  and meta["chunk_key_encoding"]["name"] == "default"
+                  and meta["chunk_grid"]["configuration"]["chunk_shape"][1] == self.width)
+        except (KeyError, TypeError, ValueError):
+            return False
+        if ok:
+            self.shard_rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+            self.sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+        return ok
+
+    def _reset(self):
+        self._pid = os.getpid()
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._mutex = threading.Lock()
+
+    def __getstate__(self):  # pickled into spawn-started DataLoader workers: no fds, no lock
+        state = self.__dict__.copy()
+        for name in ("_fds", "_mutex", "_pid", "_zarr"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if not self.fast:
+            self._zarr = zarr.open_array(str(self.path), mode="r")
+        self._reset()
+
+    def close(self):
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        if "_fds" in self.__dict__:  # __init__ may have failed before _reset
+            self.close()
+
+    def _shard_file(self, shard: int) -> Path:
+        return self.path / f"c{self.sep}{shard}{self.sep}0"
+
+    def _fd(self, shard: int) -> tuple[int, np.ndarray]:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = os.open(self._shard_file(shard), os.O_RDONLY)
+            self._fds[shard] = fd
+            if len(self._fds) > self.MAX_OPEN:
+                os.close(self._fds.popitem(last=False)[1])
+            st = os.fstat(fd)
+            version = (st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._indexes.get(shard)
+            if cached is None or cached[0] != version:  # a build may have rewritten the shard
+                self._indexes[shard] = (version, self._read_index(fd, st.st_size, shard))
+        else:
+            self._fds.move_to_end(shard)
+        return fd, self._indexes[shard][1]
+
+    def _read_index(self, fd: int, size: int, shard: int) -> np.ndarray:
+        nbytes = self.shard_rows * 16 + 4
+        raw = os.pread(fd, nbytes, size - nbytes) if size >= nbytes else b""
+        if len(raw) != nbytes or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise CacheError(f"shard file {self._shard_file(shard)} is truncated or corrupt (bad index); "
+                             f"rebuild this cache group")
+        return np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_rows, 2)
+
+    def read(self, row: int, key: str) -> np.ndarray:
+        if not self.fast:
+            return np.asarray(self._zarr[row])
+        if self._pid != os.getpid():  # forked: the parent's fds and lock are not ours
+            self._reset()
+        shard, local = divmod(row, self.shard_rows)
+        try:
+            with self._mutex:  # an fd may not be closed by eviction while another thread reads it
+                fd, index = self._fd(shard)
+                offset, nbytes = index[local]
+                if offset == MAX_UINT64:
+                    raise CacheError(f"{key!r}: row {row} is marked done but {self.path} has no data for it; "
+                                     f"rebuild this cache group")
+                buf = os.pread(fd, int(nbytes), int(offset))
+        except FileNotFoundError:
+            raise CacheError(f"{key!r}: shard file {self._shard_file(shard)} is missing; rebuild this cache "
+                             f"group") from None
+        out = np.empty(self.width, dtype=self.dtype)
+        # The blosc header's bytes 4..8 hold the decoded size; check it, since decoding
+        # into a larger buffer would silently leave garbage at the end.
+        if len(buf) != nbytes or len(buf) < 16 or int.from_bytes(buf[4:8], "little") != out.nbytes:
+            raise CacheError(f"{key!r}: chunk of row {row} in {self._shard_file(shard)} is corrupt; rebuild "
+                             f"this cache group")
+        numcodecs.blosc.decompress(buf, out)
+        return out
+
+
+class TeacherGroup:
+    """One teacher's targets. Keys and status are a snapshot taken when the group is
+    opened: rows a running build finishes later need a fresh open_cache()."""
+
+    def __init__(self, cache_path: Path, name: str, metadata: dict):
+        self.name, self.cache_path, self.path = name, cache_path, cache_path / name
+        self.metadata = metadata
+        self.num_patches = int(metadata["num_patches"])
+        self.native_grid = math.isqrt(self.num_patches)
+        self.shard_size = int(metadata["shard_size"])
+        self._keys = zarr.open_array(str(self.path / "keys"), mode="r")[:].tolist()
+        self._rows = {k: i for i, k in enumerate(self._keys)}
+        # arrays may be longer than keys after an interrupted append: keys decide
+        self._status = zarr.open_array(str(self.path / "status"), mode="r")[: len(self._keys)]
+        self._similarity = _RowReader(self.path / "similarity")
+        self._attention = _RowReader(self.path / "attention")
+
+    def __repr__(self):
+        return f"TeacherGroup({self.name!r}, {len(self)} samples, grid {self.native_grid}, {self.path})"
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._rows
+
+    def index(self, key: str) -> int:
+        try:
+            return self._rows[key]
+        except KeyError:
+            raise KeyError(
+                f"{key!r} is not in cache group {self.name!r} ({self.path}); add it with `medalign-cache build "
+                f"--teacher {self.metadata.get('teacher', self.name)} --group {self.name} --data <dataset "
+                f"naming it> --image-root <its image folder> --cache {self.cache_path}`") from None
+
+    def status(self, key: str) -> str:
+        return STATUS_NAMES[int(self._status[self.index(key)])]
+
+    def missing(self, keys) -> list[str]:
+        """Keys that are absent or not done (pending/failed): what training cannot use."""
+        return [k for k in keys if k not in self._rows or self._status[self._rows[k]] != DONE]
+
+    def _done_row(self, key: str) -> int:
+        row = self.index(key)
+        state = int(self._status[row])
+        if state == DONE:
+            return row
+        fix = ("its image failed to load or compute (see failures.jsonl there); fix the image and rebuild"
+               if state == FAILED else "rerun the same `medalign-cache build` command to compute it")
+        raise CacheError(f"{key!r} in cache group {self.name!r} ({self.path}) is {STATUS_NAMES[state]}, it has "
+                         f"no targets: {fix}")
+
+    def native_packed(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(packed fp16 similarity [M], fp32 attention [P]) as stored: the fast path for DataLoader workers."""
+        row = self._done_row(key)
+        return self._similarity.read(row, key), self._attention.read(row, key)
+
+    def native(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S [P, P], attention [P]) at the teacher's grid, float32."""
+        sim, attn = self.native_packed(key)
+        return unpack_upper(torch.from_numpy(sim).float(), self.num_patches), torch.from_numpy(attn)
+
+    def targets(self, key: str, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """METHOD.md's (S_t [G*G, G*G], a_t [G*G]) for a student with a grid x grid token map."""
+        sim, attn = self.native(key)
+        R = bilinear_matrix(self.native_grid, grid)
+        # On the native grid R = I and the resize returns S unchanged: skip the matmuls.
+        sim_t = sim if grid == self.native_grid else resize_similarity(sim, R)
+        return sim_t, resize_attention(attn, R)
+
+    def close(self):
+        self._similarity.close()
+        self._attention.close()
+
+
+class Cache(Mapping):
+    """The teacher groups of a cache, by exact group name or by a teacher alias."""
+
+    def __init__(self, path: Path, groups: dict[str, dict]):
+        self.path = path
+        self._meta = groups
+        self._open: dict[str, TeacherGroup] = {}
+
+    def __repr__(self):
+        return f"Cache({str(self.path)!r}, groups={list(self._meta)})"
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self):
+        return len(self._meta)
+
+    def _resolve(self, name: str) -> str:
+        if name in self._meta:
+            return name
+        hits = [g for g, md in self._meta.items() if name in (md.get("aliases") or [])]
+        if len(hits) == 1:
+            return hits[0]
+        available = ", ".join(f"{g} (aliases: {', '.join(md.get('aliases') or []) or '-'})"
+                              for g, md in self._meta.items()) or "none"
+        if hits:
+            raise KeyError(f"{name!r} is an alias of several groups in cache {self.path}: {hits}; "
+                           f"name the group exactly")
+        raise KeyError(f"no teacher group {name!r} in cache {self.path}; available: {available}")
+
+    def __getitem__(self, name: str) -> TeacherGroup:
+        group = self._resolve(name)
+        if group not in self._open:
+            self._open[group] = TeacherGroup(self.path, group, self._meta[group])
+        return self._open[group]
+
+    def __contains__(self, name) -> bool:
+        try:
+            self._resolve(name)
+            return True
+        except KeyError:
+            return False
+
+
+def open_cache(path) -> Cache:
+    """Open a cache for reading (no lock: readers never conflict with each other)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CacheError(f"no cache at {path}; build one with `medalign-cache build ... --cache {path}`")
+    if not (path / "zarr.json").is_file():
+        raise CacheError(f"{path} is not a medalign cache (no zarr.json); point --cache at the folder "
+                         f"`medalign-cache build` wrote")
+    _check_root(path)
+    groups = {}
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        meta_file = sub / "zarr.json"
+        if not meta_file.is_file():
+            continue  # a group still being created has no zarr.json yet
+        meta = _read_json(meta_file)
+        if meta.get("node_type") != "group":
+            continue
+        attrs = meta.get("attributes", {})
+        _check_group_schema(sub, attrs)
+        groups[sub.name] = attrs
+    return Cache(path, groups)
+
+
+__all__ = ["Cache", "CacheError", "CacheLockedError", "GroupWriter", "TeacherGroup", "default_shard_size",
+           "open_cache", "packed_size"]

@@ -1,0 +1,145 @@
+"""`medalign-cache`: build, inspect and verify teacher-target caches.
+
+A thin layer: each command builds a config and calls one function. Errors that
+a user can fix become one line and exit code 1, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from .build import BuildConfig, BuildError, build_cache, verify_cache
+from .cache import CacheError, open_cache
+from .datasets import DatasetError
+from .images import ImageError
+from .teachers import TeacherError, teacher_names
+
+USER_ERRORS = (BuildError, CacheError, DatasetError, ImageError, TeacherError, KeyError, ValueError)
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _fail(e: Exception):
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    raise click.ClickException(str(msg)) from e
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main():
+    """Compute an expert medical CLIP's targets once and store them for every training run.
+
+    \b
+    medalign-cache build  --teacher unimed --checkpoint unimed_clip_vit_b16.pt \\
+                          --data train.json --image-root images/ --cache ./cache
+    medalign-cache info   --cache ./cache
+    medalign-cache verify --cache ./cache --teacher unimed --checkpoint ... --image-root images/
+
+    Targets are stored at the teacher's native patch grid and resized exactly to
+    any student's grid when read (see cache_schema.md).
+    """
+
+
+@main.command()
+@click.option("--teacher", required=True, metavar="NAME",
+              help=f"Teacher name ({', '.join(teacher_names())}) or open_clip:ARCH for any open_clip "
+                   "architecture.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Local teacher weights (file, or directory for biomedclip). Loaded weights_only.")
+@click.option("--random-init", is_flag=True,
+              help="Random weights instead of a checkpoint: for tests and demos only; marked in the "
+                   "cache metadata.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Dataset file (LLaVA JSON, ...). Omit to take every image under --image-root.")
+@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder the dataset's image paths are relative to; cache keys are these relative paths.")
+@click.option("--cache", required=True, type=click.Path(path_type=Path),
+              help="Cache directory (created if missing; other teachers' groups are left alone).")
+@click.option("--format", "fmt", default="auto", show_default=True, help="Dataset format.")
+@click.option("--split", default=None, help="Split to read for files that hold several (R2Gen).")
+@click.option("--group", default=None, help="Group name in the cache [default: the teacher's name].")
+@click.option("--pad-to-square", is_flag=True,
+              help="Pad images to square (LLaVA-Med's expand2square) before the teacher's transform.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", "num_workers", default=min(4, os.cpu_count() or 1), show_default=True,
+              help="DataLoader workers decoding images while the teacher runs.")
+@click.option("--device", default="cuda" if _has_cuda() else "cpu", show_default=True)
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="fail: stop at the first broken image (finished work is kept); skip: record it as "
+                   "failed in the cache and failures.jsonl, and go on.")
+@click.option("--shard-size", type=int, default=None, help="Samples per shard file [default: ~32 MB].")
+@click.option("--seed", default=0, show_default=True, help="Seed for --random-init weights.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def build(quiet, **kw):
+    """Run a teacher over a dataset's images and store its targets (resumable)."""
+    try:
+        report = build_cache(BuildConfig(**kw), progress=not quiet)
+    except USER_ERRORS as e:
+        _fail(e)
+    rate = f", {report.images_per_s:.1f} img/s" if report.computed else ""
+    click.echo(f"group {report.group}: {report.total} samples, {report.computed} computed{rate}, "
+               f"{report.already_done} already done, {report.failed} failed")
+    if report.failed:
+        click.echo(f"failed samples are listed in {kw['cache'] / report.group / 'failures.jsonl'}")
+
+
+
+@main.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the full metadata as JSON.")
+def info(cache_path, as_json):
+    """Show the teacher groups of a cache, their completeness and size."""
+    try:
+        cache = open_cache(cache_path)
+    except USER_ERRORS as e:
+        _fail(e)
+    out = {}
+    for name in cache:
+        g = cache[name]
+        keys = g.keys()
+        counts = {"done": 0, "pending": 0, "failed": 0}
+        for k in keys:
+            counts[g.status(k)] += 1
+        size = sum(f.stat().st_size for f in Path(g.path).rglob("*") if f.is_file())
+        out[name] = {"samples": len(keys), **counts, "bytes": size, "metadata": g.metadata}
+        if not as_json:
+            md = g.metadata
+            flags = [f for f in ("random_init", "tiny") if md.get(f)]
+            click.echo(f"{name}: {md.get('arch')} grid {g.native_grid} ({g.num_patches} patches)"
+                       f"{' [' + ', '.join(flags) + ': NOT real targets]' if flags else ''}")
+            click.echo(f"  samples {len(keys)}: {counts['done']} done, {counts['pending']} pending, "
+                       f"{counts['failed']} failed; {size / 1e6:.1f} MB on disk"
+                       f" ({size / max(counts['done'], 1) / 1e3:.1f} KB per done sample)")
+            click.echo(f"  checkpoint sha256 {md.get('checkpoint_sha256')}")
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+
+
+@main.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--teacher", required=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
+@click.option("--random-init", is_flag=True, help="The cache was built with --random-init (same --seed).")
+@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--group", default=None)
+@click.option("--samples", default=8, show_default=True, help="How many random samples to recompute.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def verify(**kw):
+    """Recompute random samples with the teacher and check the cache against them."""
+    try:
+        report = verify_cache(kw.pop("cache_path"), kw.pop("teacher"), **kw)
+    except USER_ERRORS as e:
+        _fail(e)
+    click.echo(f"group {report.group}: {report.done}/{report.total} done, {report.failed} failed, "
+               f"{report.pending} pending; recomputed {report.checked}, max abs error "
+               f"{report.max_abs_error:.2e}")
+    if not report.ok:
+        raise click.ClickException("verify failed:\n  " + "\n  ".join(report.problems))
+    click.echo("ok")

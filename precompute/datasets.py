@@ -1,0 +1,552 @@
+"""Dataset files as users have them -> one list of `Record`s.
+
+    load_records(path, image_root, fmt="auto", split=None) -> [Record]
+    cache_keys(records)            the sorted unique image keys (rows of the cache)
+    resolve_image(image_root, key) key -> file path, refusing keys that leave the root
+    missing_images(records, root)  keys whose file is absent (the builder reports them)
+
+Formats (FORMATS; `fmt="auto"` looks at the content):
+
+    folder       no file (path None) or a directory: every image under it, task "image"
+    llava        LLaVA / LLaVA-Med instruction JSON: [{"id", "image", "conversations"}]
+    llava-jsonl  LLaVA-Med question jsonl: {"question_id", "image", "text"[, "answer"]}
+    r2gen        R2Gen annotation.json (IU-Xray, MIMIC-CXR): {"train": [...], "val": ..., "test": ...}
+    vqa-rad      [{"qid", "image_name", "question", "answer", "answer_type"}]
+    slake        [{"qid", "img_name", "question", "answer", "answer_type", "q_lang"}] (English kept)
+    pathvqa      [{"image", "question", "answer"[, "answer_type"]}]
+    csv          a table with an image column and optional question/answer/report columns
+
+The record-list formats read JSON, JSONL or CSV alike. A record's images are
+*cache keys*: paths relative to the image root, posix, normalised, so the same
+image named "./a\\b.png" by one file and "a/b.png" by another is one cache row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be read as asked; names the file, the record, the fix."""
+
+
+TASKS = ("instruct", "vqa", "report", "image")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+# R2Gen files hold reports, not prompts: every report record gets this one
+# instruction. Training and evaluation must use the same text, so it is fixed here.
+REPORT_PROMPT = "Write the radiology report for this image, describing the findings."
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training/evaluation sample.
+
+    `turns` are (human prompt, assistant answer) pairs, the `<image>` token
+    removed (the student's chat template places the image). Task "image"
+    (images without text: folder listings, image-only tables) has no turns;
+    every other task has at least one.
+    """
+    id: str
+    images: tuple[str, ...]
+    turns: tuple[tuple[str, str], ...]
+    task: str
+    answer_type: str | None = None   # "closed" | "open" for VQA when known
+
+    def __post_init__(self):
+        # Accept lists (and one key as a str) from hand-built records; store
+        # tuples so records hash and compare.
+        images = (self.images,) if isinstance(self.images, str) else tuple(self.images)
+        object.__setattr__(self, "images", images)
+        if not all(isinstance(t, (tuple, list)) and len(t) == 2 for t in self.turns):
+            raise DatasetError(f"record {self.id!r}: turns must be (prompt, answer) pairs, got {self.turns!r}")
+        object.__setattr__(self, "turns", tuple((h, a) for h, a in self.turns))
+        if not isinstance(self.id, str) or not self.id:
+            raise DatasetError(f"record id must be a non-empty string, got {self.id!r}")
+        if not self.images or not all(isinstance(k, str) and k for k in self.images):
+            raise DatasetError(f"record {self.id!r}: needs at least one image key, got {self.images!r}")
+        if self.task not in TASKS:
+            raise DatasetError(f"record {self.id!r}: task {self.task!r} is not one of {TASKS}")
+        if self.task != "image" and not self.turns:
+            raise DatasetError(f"record {self.id!r}: task {self.task!r} needs at least one (prompt, answer) turn")
+        if not all(isinstance(h, str) and isinstance(a, str) for h, a in self.turns):
+            raise DatasetError(f"record {self.id!r}: turns must be (str, str) pairs")
+        if self.answer_type not in (None, "closed", "open"):
+            raise DatasetError(f"record {self.id!r}: answer_type {self.answer_type!r} is not 'closed' or 'open'")
+
+    @property
+    def prompt(self) -> str:
+        return self.turns[0][0] if self.turns else ""
+
+    @property
+    def answer(self) -> str:
+        return self.turns[0][1] if self.turns else ""
+
+
+# ----------------------------------------------------------------------------- image keys
+
+def normalize_key(raw, image_root=None) -> str:
+    """A path as a dataset file spells it -> the cache key. ValueError says why not.
+
+    Backslashes are Windows separators; "." and empty parts go; ".." must stay
+    inside the root. An absolute path is accepted only inside `image_root`
+    (some evaluation files carry them) and made relative to it.
+    """
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"image path must be a non-empty string, got {raw!r}")
+    path = raw.strip().replace("\\", "/")
+    if path.startswith("/") or re.match(r"^[A-Za-z]:/", path):
+        root = None if image_root is None else os.path.abspath(image_root).replace("\\", "/").rstrip("/")
+        inside = root is not None and posixpath.normpath(path).startswith(root + "/")
+        if not inside:
+            raise ValueError(f"absolute image path {raw!r} is not under the image root "
+                             f"{image_root}; give paths relative to the image root")
+        path = posixpath.normpath(path)[len(root) + 1:]
+    key = posixpath.normpath(path)
+    if key == ".." or key.startswith("../"):
+        raise ValueError(f"image path {raw!r} leaves the image root ('..'); "
+                         f"give paths relative to the image root, or choose a higher root")
+    if key in (".", ""):
+        raise ValueError(f"image path {raw!r} names no file")
+    return key
+
+
+def resolve_image(image_root, key: str) -> Path:
+    """The file behind a cache key. Keys that escape the root (absolute, '..')
+    are refused; a symlink inside the root pointing elsewhere is fine (datasets
+    are often assembled from links)."""
+    try:
+        normal = normalize_key(key)
+    except ValueError as e:
+        raise DatasetError(f"image key {key!r}: {e}") from None
+    return Path(image_root) / normal
+
+
+def cache_keys(records) -> list[str]:
+    """Sorted unique image keys over all records: the rows of a cache group."""
+    return sorted({key for r in records for key in r.images})
+
+
+def missing_images(records, image_root) -> list[str]:
+    """Keys (sorted) whose file does not exist under `image_root`."""
+    return [k for k in cache_keys(records) if not resolve_image(image_root, k).is_file()]
+
+
+# ----------------------------------------------------------------------------- format registry
+
+class _Registry(dict):
+    """name -> loader(data, source) -> [Record]; a name registers once."""
+
+    def __setitem__(self, name, loader):
+        if name in self:
+            raise KeyError(f"dataset format {name!r} is already registered")
+        super().__setitem__(name, loader)
+
+
+FORMATS = _Registry()
+
+
+def register_format(name: str):
+    def add(loader):
+        FORMATS[name] = loader
+        return loader
+    return add
+
+
+@dataclass
+class _Source:
+    """Where records come from, for keys and for error messages."""
+    path: Path | None
+    image_root: Path
+    split: str | None
+    labels: list[str] | None = None    # how to name top-level row i ("record 3", "line 4", "row 5")
+
+    def __post_init__(self):
+        self.records: list[Record] = []
+        self.ids: dict[str, str] = {}     # id -> label of the row that first used it
+
+    def add(self, label: str, **fields) -> None:
+        """Append one Record; ids must be unique across the file."""
+        rid = fields["id"]
+        if rid in self.ids:
+            raise DatasetError(f"{self.path}: duplicate id {rid!r} ({self.ids[rid]} and {label}); "
+                               f"ids must be unique: fix or drop one of them")
+        self.ids[rid] = label
+        self.records.append(Record(**fields))
+
+    def where(self, label: str, rid=None) -> str:
+        return f"{self.path}: {label}" + (f" (id {rid!r})" if rid not in (None, "") else "")
+
+    def fail(self, label: str, rid, message: str) -> DatasetError:
+        return DatasetError(f"{self.where(label, rid)}: {message}")
+
+    def rows(self, data, what: str = "a list of records"):
+        """(label, row) for a top-level list, `split` applied where rows carry one."""
+        if not isinstance(data, list):
+            shape = f"an object with keys {sorted(data)[:8]}" if isinstance(data, dict) else type(data).__name__
+            raise DatasetError(f"{self.path}: expected {what} at the top level, got {shape}")
+        labels = self.labels or [f"record {i}" for i in range(len(data))]
+        rows = list(zip(labels, data))
+        for label, row in rows:
+            if not isinstance(row, dict):
+                raise DatasetError(f"{self.where(label)}: expected an object with fields, got {type(row).__name__}")
+        if self.split is not None:
+            if not any("split" in row for _, row in rows):
+                raise DatasetError(f"{self.path}: split {self.split!r} asked for, but its records have no "
+                                   f"'split' field; drop --split (only R2Gen files and records with a "
+                                   f"'split' field have splits)")
+            present = sorted({str(row.get("split")) for _, row in rows})
+            rows = [(label, row) for label, row in rows if row.get("split") == self.split]
+            if not rows:
+                raise DatasetError(f"{self.path}: no records with split {self.split!r}; present: {present}")
+        return rows
+
+    def key(self, raw, label, rid) -> str:
+        try:
+            return normalize_key(raw, self.image_root)
+        except ValueError as e:
+            raise self.fail(label, rid, str(e)) from None
+
+
+def _text(row: dict, names, source: _Source, label, rid, required: bool = True, default=None):
+    """The first of `names` present and non-empty in `row`, as stripped text
+    (numbers become text: VQA-RAD has numeric answers)."""
+    empty = None
+    for name in names:
+        value = row.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise source.fail(label, rid, f"field {name!r} must be text, got {type(value).__name__}")
+        if str(value).strip():
+            return str(value).strip()
+        empty = empty or name
+    if required:
+        if empty:
+            raise source.fail(label, rid, f"field {empty!r} is empty")
+        wanted = " or ".join(repr(n) for n in names)
+        raise source.fail(label, rid, f"missing field {wanted} (fields present: {sorted(row)})")
+    return default
+
+
+def _row_id(row: dict, names, index: int) -> str:
+    # Files without ids get their position: unique, stable for a given file.
+    for name in names:
+        value = row.get(name)
+        if value not in (None, ""):
+            return str(value)
+    return str(index)
+
+
+def _answer_type(value, answer: str, source, label, rid, infer: bool) -> str | None:
+    if value in (None, ""):
+        if not infer:
+            return None
+        # Closed questions are the yes/no ones (how PathVQA's closed split is defined).
+        return "closed" if answer.strip().lower() in ("yes", "no") else "open"
+    kind = str(value).strip().lower()
+    if kind in ("closed", "close"):
+        return "closed"
+    if kind == "open":
+        return "open"
+    raise source.fail(label, rid, f"answer_type {value!r} is not CLOSED or OPEN")
+
+
+_IMAGE_TOKEN = re.compile(r"\s*<image>\s*")
+
+
+def _strip_image_token(text: str) -> str:
+    # "<image>\nWhat is ...?" -> "What is ...?"; a token mid-text leaves a line break.
+    return _IMAGE_TOKEN.sub("\n", text).strip()
+
+
+# ----------------------------------------------------------------------------- formats
+
+@register_format("folder")
+def _folder(data, source: _Source) -> list[Record]:
+    """Every image file (IMAGE_SUFFIXES, any case) under the directory, sorted;
+    hidden files and folders (.DS_Store, ._x.png) skipped, symlinked folders followed."""
+    top = Path(source.path) if source.path is not None else Path(source.image_root)
+    root = Path(source.image_root)
+    if not top.is_dir():
+        raise DatasetError(f"{top}: not a directory of images")
+    inside = os.path.relpath(os.path.abspath(top), os.path.abspath(root))
+    if inside == ".." or inside.startswith(".." + os.sep):
+        raise DatasetError(f"{top}: image folder is not inside the image root {root}; "
+                           f"pass the folder itself as the image root")
+    keys, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                rel = os.path.relpath(os.path.join(dirpath, name), root)
+                keys.append(normalize_key(rel.replace(os.sep, "/")))
+    return [Record(id=key, images=(key,), turns=(), task="image") for key in sorted(keys)]
+
+
+_HUMAN, _GPT = ("human", "user"), ("gpt", "assistant")
+
+
+@register_format("llava")
+def _llava(data, source: _Source) -> list[Record]:
+    for index, (label, row) in enumerate(source.rows(data, "a JSON list of LLaVA records")):
+        rid = _row_id(row, ("id",), index)
+        image = row.get("image")
+        if image in (None, "", []):
+            raise source.fail(label, rid, "text-only record (no 'image'); MedAlign distils image targets, "
+                                          "so every record needs an image: remove text-only records")
+        images = image if isinstance(image, list) else [image]
+        conversation = row.get("conversations")
+        if not isinstance(conversation, list) or not conversation:
+            raise source.fail(label, rid, "missing or empty 'conversations' list")
+        texts = []
+        for j, message in enumerate(conversation):
+            role = str(message.get("from", "")).lower() if isinstance(message, dict) else None
+            expected = _HUMAN if j % 2 == 0 else _GPT
+            if role not in expected:
+                raise source.fail(label, rid, f"conversations[{j}] is from {role!r}; expected "
+                                              f"{expected[0]!r} (turns alternate human, gpt)")
+            value = message.get("value")
+            if not isinstance(value, str):
+                raise source.fail(label, rid, f"conversations[{j}] has no text 'value'")
+            texts.append(_strip_image_token(value))
+        if len(texts) % 2:
+            raise source.fail(label, rid, "the conversation ends with a human turn that has no gpt answer")
+        turns = tuple(zip(texts[0::2], texts[1::2]))
+        kind = _answer_type(row.get("answer_type"), turns[0][1], source, label, rid, infer=False)
+        source.add(label, id=rid, images=tuple(source.key(k, label, rid) for k in images), turns=turns,
+                   task="vqa" if kind else "instruct", answer_type=kind)
+    return source.records
+
+
+@register_format("llava-jsonl")
+def _llava_jsonl(data, source: _Source) -> list[Record]:
+    for index, (label, row) in enumerate(source.rows(data)):
+        rid = _row_id(row, ("question_id", "id"), index)
+        image = _text(row, ("image",), source, label, rid)
+        question = _strip_image_token(_text(row, ("text", "question"), source, label, rid))
+        # Question files for inference carry no answer; evaluation copies do.
+        answer = _text(row, ("answer", "gpt4_answer", "gpt_answer"), source, label, rid, required=False, default="")
+        kind = _answer_type(row.get("answer_type"), answer, source, label, rid, infer=False)
+        source.add(label, id=rid, images=(source.key(image, label, rid),), turns=((question, answer),),
+                   task="vqa" if kind else "instruct", answer_type=kind)
+    return source.records
+
+
+@register_format("r2gen")
+def _r2gen(data, source: _Source) -> list[Record]:
+    if not isinstance(data, dict):
+        raise DatasetError(f"{source.path}: an R2Gen annotation file is an object "
+                           f'{{"train": [...], "val": [...], "test": [...]}}, got a {type(data).__name__}')
+    split = source.split or "train"
+    if split not in data:
+        raise DatasetError(f"{source.path}: no split {split!r}; present: {sorted(data)}; pick one with --split")
+    rows = data[split]
+    labeled = _Source(source.path, source.image_root, None, [f"{split}[{i}]" for i in range(len(rows))]
+                      if isinstance(rows, list) else None)
+    for label, row in labeled.rows(rows, f"a list of records under {split!r}"):
+        rid = _text(row, ("id",), source, label, None)
+        report = _text(row, ("report",), source, label, rid)
+        paths = row.get("image_path")
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not paths:
+            raise source.fail(label, rid, "missing or empty 'image_path' (a list of image paths)")
+        source.add(label, id=rid, images=tuple(source.key(p, label, rid) for p in paths),
+                   turns=((REPORT_PROMPT, report),), task="report")
+    return source.records
+
+
+def _vqa(data, source: _Source, image_fields, id_fields, english_only=False, default_suffix=None):
+    for index, (label, row) in enumerate(source.rows(data)):
+        if english_only and str(row.get("q_lang", "en")).lower() != "en":
+            continue
+        rid = _row_id(row, id_fields, index)
+        image = _text(row, image_fields, source, label, rid)
+        if default_suffix and not posixpath.splitext(image.replace("\\", "/"))[1]:
+            image += default_suffix
+        question = _strip_image_token(_text(row, ("question",), source, label, rid))
+        answer = _text(row, ("answer",), source, label, rid)
+        kind = _answer_type(row.get("answer_type"), answer, source, label, rid, infer=True)
+        source.add(label, id=rid, images=(source.key(image, label, rid),), turns=((question, answer),),
+                   task="vqa", answer_type=kind)
+    if not source.records and english_only:
+        raise DatasetError(f"{source.path}: no English questions (q_lang 'en'); SLAKE's Chinese "
+                           f"questions are not used")
+    return source.records
+
+
+@register_format("vqa-rad")
+def _vqa_rad(data, source):
+    return _vqa(data, source, ("image_name",), ("qid", "id"))
+
+
+@register_format("slake")
+def _slake(data, source):
+    """SLAKE: English questions only (q_lang "en"); the Chinese half is skipped."""
+    return _vqa(data, source, ("img_name",), ("qid", "id"), english_only=True)
+
+
+@register_format("pathvqa")
+def _pathvqa(data, source):
+    """PathVQA: an image name without suffix ("train_0422") gets ".jpg", the
+    format PathVQA ships its images in."""
+    return _vqa(data, source, ("image", "image_name", "img_name"), ("qid", "question_id", "id"),
+                default_suffix=".jpg")
+
+
+_CSV_COLUMNS = {
+    "image": ("image", "image_path", "path", "filename", "file", "img_name", "image_name"),
+    "question": ("question", "prompt", "instruction"),
+    "answer": ("answer", "response"),
+    "report": ("report", "findings"),
+    "id": ("id", "qid", "question_id"),
+}
+
+
+@register_format("csv")
+def _csv(data, source: _Source) -> list[Record]:
+    """A table: image column (image/image_path/path/filename/...); with a report
+    column -> task "report" (prompt: the question column or REPORT_PROMPT); with
+    a question column -> "vqa"; image only -> task "image". Headers are matched
+    case-insensitively."""
+    rows = source.rows(data, "a table of rows")
+    if not rows:
+        return []
+    header = {name.strip().lower(): name for name in rows[0][1] if isinstance(name, str)}
+    columns = {role: [header[n] for n in names if n in header] for role, names in _CSV_COLUMNS.items()}
+    if not columns["image"]:
+        raise DatasetError(f"{source.path}: no image column; name one of {_CSV_COLUMNS['image']} "
+                           f"(columns present: {sorted(header.values())})")
+    for index, (label, row) in enumerate(rows):
+        rid = _row_id(row, columns["id"], index)
+        image = source.key(_text(row, columns["image"], source, label, rid), label, rid)
+        question = _text(row, columns["question"], source, label, rid, required=False)
+        answer = _text(row, columns["answer"], source, label, rid, required=False, default="")
+        report = _text(row, columns["report"], source, label, rid, required=False)
+        if columns["report"]:
+            turns, task, kind = ((question or REPORT_PROMPT, report or ""),), "report", None
+        elif columns["question"]:
+            if not question:
+                raise source.fail(label, rid, f"empty question in column {columns['question'][0]!r}")
+            kind = _answer_type(row.get(header.get("answer_type", "answer_type")), answer, source, label, rid,
+                                infer=bool(answer))
+            turns, task = ((_strip_image_token(question), answer),), "vqa"
+        else:
+            turns, task, kind = (), "image", None
+        source.add(label, id=rid, images=(image,), turns=turns, task=task, answer_type=kind)
+    return source.records
+
+
+# ----------------------------------------------------------------------------- reading and detection
+
+def _read(path: Path) -> tuple[object, list[str] | None, str]:
+    """-> (parsed content, per-row labels for errors or None, kind json|jsonl|csv)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Excel / Windows tools
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text (a pickle, parquet or spreadsheet?); "
+                           f"convert it to JSON, JSONL or CSV") from None
+    if not text.strip():
+        raise DatasetError(f"{path}: empty file")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        rows, labels = [], []
+        for row in reader:
+            if None in row:
+                raise DatasetError(f"{path}: row {reader.line_num} has more cells than the header")
+            rows.append(row)
+            labels.append(f"row {reader.line_num}")
+        return rows, labels, "csv"
+    if suffix != ".jsonl":
+        try:
+            return json.loads(text), None, "json"
+        except json.JSONDecodeError as e:
+            # Several documents one per line: a .json that is really JSONL.
+            if not (e.msg.startswith("Extra data") and e.lineno > 1):
+                raise DatasetError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    rows, labels = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: line {number}, column {e.colno}: invalid JSON: {e.msg}") from None
+        labels.append(f"line {number}")
+    return rows, labels, "jsonl"
+
+
+def detect_format(data, kind: str, path=None) -> str:
+    """The format name for parsed content, from its shape and field names."""
+    if kind == "csv":
+        return "csv"
+    if isinstance(data, dict):
+        for value in data.values():
+            if isinstance(value, list) and value and isinstance(value[0], dict) and \
+                    ("image_path" in value[0] or "report" in value[0]):
+                return "r2gen"
+        raise DatasetError(f"{path}: cannot tell the format of an object with keys {sorted(data)[:8]}; "
+                           f"expected an R2Gen file {{\"train\": [{{\"id\", \"report\", \"image_path\"}}]}} "
+                           f"or a list of records; choose one with --format ({', '.join(FORMATS)})")
+    if isinstance(data, list):
+        if not data:
+            raise DatasetError(f"{path}: no records (empty list)")
+        first = data[0]
+        if not isinstance(first, dict):
+            raise DatasetError(f"{path}: record 0 is a {type(first).__name__}, expected an object with fields")
+        keys = set(first)
+        if "conversations" in keys:
+            return "llava"
+        if "question_id" in keys and "text" in keys:
+            return "llava-jsonl"
+        if "img_name" in keys and "question" in keys:
+            return "slake"
+        if "image_name" in keys and "question" in keys:
+            return "vqa-rad"
+        if "image" in keys and "question" in keys:
+            return "pathvqa"
+        if "image" in keys and "text" in keys:
+            return "llava-jsonl"
+        raise DatasetError(f"{path}: cannot tell the format from record 0's fields {sorted(keys)}; "
+                           f"choose one with --format ({', '.join(FORMATS)})")
+    raise DatasetError(f"{path}: expected a list of records or an R2Gen object, got {type(data).__name__}")
+
+
+def load_records(path, image_root, fmt: str = "auto", split: str | None = None) -> list[Record]:
+    """Read a dataset file (or, with path None or a directory, an image folder)
+    into records. Checks the file, not the images: see `missing_images`."""
+    image_root = Path(image_root)
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DatasetError(f"unknown dataset format {fmt!r}; known: auto, {', '.join(FORMATS)}")
+    if path is None or Path(path).is_dir() or fmt == "folder":
+        if fmt not in ("auto", "folder"):
+            raise DatasetError(f"{path or image_root}: format {fmt!r} needs a dataset file (--data), "
+                               f"got {'a directory' if path is not None else 'none'}")
+        source = _Source(None if path is None else Path(path), image_root, split)
+        records = _folder(None, source)
+        if not records:
+            raise DatasetError(f"{path or image_root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+        return records
+
+    path = Path(path)
+    data, labels, kind = _read(path)
+    name = detect_format(data, kind, path) if fmt == "auto" else fmt
+    records = FORMATS[name](data, _Source(path, image_root, split, labels))
+    if not records:
+        raise DatasetError(f"{path}: no records")
+    return records

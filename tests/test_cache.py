@@ -1,0 +1,400 @@
+"""precompute.cache: the Zarr v3 layout, its writer, and the fast reader.
+
+The reader parses Zarr's shard index itself, so every test that reads also holds it
+to what zarr-python returns for the same store."""
+
+import json
+import multiprocessing as mp
+import pickle
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from precompute.cache import (CacheError, CacheLockedError, GroupWriter, _RowReader, default_shard_size,
+                              open_cache, packed_size)
+from precompute.targets import (bilinear_matrix, pack_upper, patch_similarity, resize_attention,
+                                resize_similarity, unpack_upper)
+
+P = 49  # a 7x7 teacher grid keeps every test fast; nothing in the format depends on P
+META = {"teacher": "unimed-b16", "aliases": ["unimed"], "arch": "ViT-B-16", "checkpoint_sha256": "ab" * 32,
+        "preprocessing": {"image_size": 224, "mean": [0.5, 0.5, 0.5]}, "recipe": "r/v1", "num_patches": P,
+        "random_init": False, "seed": None, "versions": {"torch": "x"}}
+
+
+def targets(n: int, seed: int = 0, num_patches: int = P):
+    g = torch.Generator().manual_seed(seed)
+    sim = pack_upper(patch_similarity(torch.randn(n, num_patches, 16, generator=g))).half().numpy()
+    attn = torch.softmax(torch.randn(n, num_patches, generator=g), -1).numpy()
+    return sim, attn
+
+
+def keys_(n: int, prefix: str = "img") -> list[str]:
+    return [f"case_{i % 3}/{prefix}_{i:03d}.png" for i in range(n)]
+
+
+def write_all(writer: GroupWriter, sim, attn, failures=None):
+    """Write every row, shard by shard, as build.py does."""
+    failures = failures or {}
+    n = len(writer.keys)
+    with writer.lock():
+        for lo in range(0, n, writer.shard_size):
+            rows = np.arange(lo, min(lo + writer.shard_size, n))
+            writer.write_rows(rows, sim[rows], attn[rows], {r: failures[r] for r in rows if r in failures})
+
+
+@pytest.fixture()
+def built(tmp_path):
+    keys = keys_(10)
+    sim, attn = targets(10)
+    writer = GroupWriter.open(tmp_path / "cache", "unimed-b16", keys, P, META, shard_size=4)
+    write_all(writer, sim, attn)
+    return tmp_path / "cache", keys, sim, attn
+
+
+def test_round_trip_is_exact(built):
+    cache, keys, sim, attn = built
+    group = open_cache(cache)["unimed-b16"]
+    assert group.keys() == keys and len(group) == 10 and keys[3] in group and "nope" not in group
+    assert (group.num_patches, group.native_grid, group.shard_size) == (P, 7, 4)
+    assert group.metadata["checkpoint_sha256"] == META["checkpoint_sha256"]
+    assert group.metadata["schema_version"] == 1
+    for i, key in enumerate(keys):
+        s, a = group.native_packed(key)
+        assert s.dtype == np.float16 and a.dtype == np.float32
+        assert np.array_equal(s, sim[i]) and np.array_equal(a, attn[i])
+        assert s.flags.writeable  # torch.from_numpy in DataLoader workers must not warn
+    S, a = group.native(keys[5])
+    assert torch.equal(S, unpack_upper(torch.from_numpy(sim[5]).float(), P))
+    S_t, a_t = group.targets(keys[5], grid=12)
+    R = bilinear_matrix(7, 12)
+    assert S_t.shape == (144, 144) and a_t.shape == (144,)
+    assert torch.equal(S_t, resize_similarity(S, R))
+    assert torch.equal(a_t, resize_attention(torch.from_numpy(attn[5]), R))
+    S_n, a_n = group.targets(keys[5], grid=7)   # native grid: S itself, attention / max
+    assert torch.equal(S_n, S) and torch.allclose(a_n, a / a.max())
+
+
+def test_plain_zarr_reads_the_store_and_agrees_with_our_reader(built):
+    cache, keys, sim, attn = built
+    root = zarr.open_group(str(cache), mode="r")
+    assert root.attrs["medalign_cache_schema"] == 1
+    g = root["unimed-b16"]
+    assert g.attrs["teacher"] == "unimed-b16" and g.attrs["shard_size"] == 4
+    assert g["keys"][:].tolist() == keys
+    assert g["status"][:].tolist() == [1] * 10
+    assert np.array_equal(g["similarity"][:], sim) and np.array_equal(g["attention"][:], attn)
+    group = open_cache(cache)["unimed"]
+    for i, key in enumerate(keys):
+        s, a = group.native_packed(key)
+        assert np.array_equal(s, g["similarity"][i]) and np.array_equal(a, g["attention"][i])
+    # what cache_schema.md tells a plain-zarr reader to do
+    P_ = g.attrs["num_patches"]
+    S = np.ones((P_, P_), np.float32)
+    iu = np.triu_indices(P_, 1)
+    S[iu] = g["similarity"][2].astype(np.float32)
+    S.T[iu] = g["similarity"][2].astype(np.float32)
+    assert np.array_equal(S, group.native(keys[2])[0].numpy())
+
+
+def test_alias_lookup_and_unknown_names(built, tmp_path):
+    cache = built[0]
+    c = open_cache(cache)
+    assert list(c) == ["unimed-b16"] and len(c) == 1
+    assert c["unimed"] is c["unimed-b16"] and "unimed" in c and "biomedclip" not in c
+    with pytest.raises(KeyError, match="available: unimed-b16 \\(aliases: unimed\\)"):
+        c["biomedclip"]
+    # a second group with the same alias makes the alias ambiguous, never a silent pick
+    GroupWriter.open(cache, "unimed-b16-seed1", ["x.png"], P, {**META, "checkpoint_sha256": "cd" * 32})
+    with pytest.raises(KeyError, match="several groups"):
+        open_cache(cache)["unimed"]
+
+
+def test_unknown_key_names_key_group_and_build_command(built):
+    group = open_cache(built[0])["unimed-b16"]
+    with pytest.raises(KeyError, match=r"'new/one.png' is not in cache group 'unimed-b16'.*medalign-cache build"):
+        group.index("new/one.png")
+    assert group.missing(["new/one.png", built[1][0]]) == ["new/one.png"]
+
+
+def test_append_keeps_old_rows_and_results(built):
+    cache, keys, sim, attn = built
+    more = keys_(5, prefix="new")
+    # a later dataset: some old keys (in another order) plus new ones
+    writer = GroupWriter.open(cache, "unimed-b16", more[:2] + keys[::-1] + more[2:], P, META)
+    assert writer.keys == keys + more
+    assert writer.num_shards == 4 and writer.shard_size == 4
+    assert writer.pending_rows().tolist() == [10, 11, 12, 13, 14]
+    group = open_cache(cache)["unimed-b16"]
+    assert [group.index(k) for k in keys] == list(range(10))
+    assert all(np.array_equal(group.native_packed(k)[0], sim[i]) for i, k in enumerate(keys))
+    assert group.missing(keys + more) == more
+    with pytest.raises(CacheError, match="pending"):
+        group.native_packed(more[0])
+    sim2, attn2 = targets(5, seed=1)
+    with writer.lock():
+        writer.write_rows(np.array([10, 11]), sim2[:2], attn2[:2], {})
+        writer.write_rows(np.array([12, 13, 14]), sim2[2:], attn2[2:], {})
+    group = open_cache(cache)["unimed-b16"]
+    assert np.array_equal(group.native_packed(more[4])[0], sim2[4])
+    assert np.array_equal(group.native_packed(keys[9])[0], sim[9])
+    assert np.array_equal(zarr.open_array(str(cache / "unimed-b16" / "similarity"))[10:], sim2)
+
+
+def test_pending_rows_only_for_the_requested_keys(built):
+    cache, keys, _, _ = built
+    writer = GroupWriter.open(cache, "unimed-b16", ["only/this.png"] + keys[:2], P, META)
+    extra = GroupWriter.open(cache, "unimed-b16", ["other/that.png"], P, META)
+    # the second dataset's pending image is not the first build's business
+    assert writer.pending_rows().tolist() == [10]
+    assert extra.pending_rows().tolist() == [11]
+
+
+@pytest.mark.parametrize("field,value", [("checkpoint_sha256", "ff" * 32), ("arch", "ViT-L-14-336"),
+                                         ("preprocessing", {"image_size": 336}), ("random_init", True),
+                                         ("recipe", "r/v2")])
+def test_metadata_mismatch_is_refused(built, field, value):
+    with pytest.raises(CacheError, match=rf"'{field}'.*another group name \(--group unimed-b16-2\)"):
+        GroupWriter.open(built[0], "unimed-b16", ["a.png"], P, {**META, field: value})
+    # fields that do not change the numbers (software versions) may differ
+    GroupWriter.open(built[0], "unimed-b16", ["a.png"], P, {**META, "versions": {"torch": "y"}})
+
+
+def test_num_patches_and_shard_size_mismatch(built):
+    with pytest.raises(CacheError, match="num_patches"):
+        GroupWriter.open(built[0], "unimed-b16", ["a.png"], 64, {**META, "num_patches": 64})
+    with pytest.raises(CacheError, match="--shard-size 4"):
+        GroupWriter.open(built[0], "unimed-b16", ["a.png"], P, META, shard_size=8)
+
+
+def test_bad_keys_and_group_names(tmp_path):
+    with pytest.raises(CacheError, match="repeat"):
+        GroupWriter.open(tmp_path / "c", "g", ["a.png", "b.png", "a.png"], P, META)
+    with pytest.raises(CacheError, match="folder name"):
+        GroupWriter.open(tmp_path / "c", "../evil", ["a.png"], P, META)
+    with pytest.raises(CacheError, match="square"):
+        GroupWriter.open(tmp_path / "c", "g", ["a.png"], 50, {**META, "num_patches": 50})
+
+
+def test_lock_refuses_a_second_writer(tmp_path):
+    writer = GroupWriter.open(tmp_path / "c", "g", keys_(4), P, META)
+    other = GroupWriter.open(tmp_path / "c", "g", keys_(4), P, META)
+    with writer.lock():
+        with pytest.raises(CacheLockedError, match=r"another build is writing group 'g' of cache .*\(pid \d+"):
+            with other.lock():
+                pass
+        with pytest.raises(CacheLockedError):   # opening (create/append) takes the lock too
+            GroupWriter.open(tmp_path / "c", "g", keys_(5), P, META)
+    with other.lock():                          # released: the next build may go
+        pass
+    with pytest.raises(CacheError, match="inside `with writer.lock"):
+        writer.write_rows(np.array([0]), *targets(1), {})
+
+
+def test_lock_held_by_another_process(tmp_path):
+    writer = GroupWriter.open(tmp_path / "c", "g", keys_(4), P, META)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from precompute.cache import GroupWriter\n"
+         f"w = GroupWriter.open({str(tmp_path / 'c')!r}, 'g', [], {P}, {META!r})\n"
+         "with w.lock():\n    print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CacheLockedError, match=f"pid {holder.pid}"):
+            with writer.lock():
+                pass
+    finally:
+        holder.communicate("")
+    with writer.lock():
+        pass
+
+
+def test_resume_after_partial_writes(tmp_path):
+    keys = keys_(12)
+    sim, attn = targets(12)
+    writer = GroupWriter.open(tmp_path / "c", "g", keys, P, META, shard_size=4)
+    with writer.lock():
+        writer.write_rows(np.arange(0, 4), sim[:4], attn[:4], {})
+        writer.write_rows(np.array([5, 7]), sim[[5, 7]], attn[[5, 7]], {})  # scattered rows in one shard
+    # a new process (the rerun) sees exactly what is left
+    again = GroupWriter.open(tmp_path / "c", "g", keys, P, META)
+    assert again.pending_rows().tolist() == [4, 6, 8, 9, 10, 11]
+    with again.lock():
+        again.write_rows(np.array([4, 6]), sim[[4, 6]], attn[[4, 6]], {})
+        again.write_rows(np.arange(8, 12), sim[8:], attn[8:], {})
+    assert again.pending_rows().tolist() == []
+    group = open_cache(tmp_path / "c")["g"]
+    z = zarr.open_array(str(tmp_path / "c" / "g" / "similarity"))
+    assert np.array_equal(z[:], sim)
+    assert all(np.array_equal(group.native_packed(k)[0], sim[i]) for i, k in enumerate(keys))
+
+
+def test_failed_rows(tmp_path):
+    keys = keys_(6)
+    sim, attn = targets(6)
+    writer = GroupWriter.open(tmp_path / "c", "g", keys, P, META, shard_size=4)
+    sim[2], attn[2] = np.nan, np.nan   # what build.py hands over for an image that failed
+    write_all(writer, sim, attn, failures={2: "cannot identify image file", 5: "truncated PNG"})
+    group = open_cache(tmp_path / "c")["g"]
+    assert [group.status(k) for k in keys] == ["done", "done", "failed", "done", "done", "failed"]
+    with pytest.raises(CacheError, match=rf"'{keys[5]}'.*is failed.*failures.jsonl"):
+        group.targets(keys[5], grid=7)
+    assert group.missing(keys) == [keys[2], keys[5]]
+    lines = [json.loads(x) for x in (tmp_path / "c" / "g" / "failures.jsonl").read_text().splitlines()]
+    assert lines == [{"key": keys[2], "error": "cannot identify image file"},
+                     {"key": keys[5], "error": "truncated PNG"}]
+    # stored as NaN (the zarr fill value: the chunk is not even written), never as numbers
+    assert np.isnan(zarr.open_array(str(tmp_path / "c" / "g" / "similarity"))[5]).all()
+    assert writer.pending_rows().tolist() == []
+    assert writer.pending_rows(retry_failed=True).tolist() == [2, 5]
+
+
+@pytest.mark.parametrize("where", ["similarity", "attention", "zero attention"])
+def test_non_finite_targets_are_refused(tmp_path, where):
+    keys = keys_(4)
+    sim, attn = targets(4)
+    if where == "similarity":
+        sim[1, 7] = np.nan
+    elif where == "attention":
+        attn[1, 3] = np.inf
+    else:
+        attn[1] = 0
+    writer = GroupWriter.open(tmp_path / "c", "g", keys, P, META)
+    with writer.lock(), pytest.raises(CacheError, match=f"'{keys[1]}'.*NaN/inf"):
+        writer.write_rows(np.arange(4), sim, attn, {})
+    assert writer.pending_rows().tolist() == [0, 1, 2, 3]   # nothing committed
+
+
+def test_write_rows_validates_its_input(tmp_path):
+    writer = GroupWriter.open(tmp_path / "c", "g", keys_(8), P, META, shard_size=4)
+    sim, attn = targets(8)
+    with writer.lock():
+        with pytest.raises(CacheError, match="several shards"):
+            writer.write_rows(np.arange(2, 6), sim[2:6], attn[2:6], {})
+        with pytest.raises(CacheError, match="sorted"):
+            writer.write_rows(np.array([1, 0]), sim[:2], attn[:2], {})
+        with pytest.raises(CacheError, match="float16"):
+            writer.write_rows(np.arange(2), sim[:2].astype(np.float32), attn[:2], {})
+        with pytest.raises(CacheError, match="not being written"):
+            writer.write_rows(np.arange(2), sim[:2], attn[:2], {3: "x"})
+
+
+def test_reading_pending_rows_is_an_error(tmp_path):
+    keys = keys_(4)
+    GroupWriter.open(tmp_path / "c", "g", keys, P, META)
+    group = open_cache(tmp_path / "c")["g"]
+    with pytest.raises(CacheError, match=rf"'{keys[0]}'.*is pending.*medalign-cache build"):
+        group.native_packed(keys[0])
+
+
+def _child_reads(group, keys, queue):
+    queue.put([group.native_packed(k)[0].tolist() for k in keys])
+
+
+def test_reads_after_fork_and_after_pickling(built):
+    cache, keys, sim, _ = built
+    group = open_cache(cache)["unimed-b16"]
+    group.native_packed(keys[0])            # the parent has open fds and a cached index
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_reads, args=(group, keys, queue))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    assert np.array_equal(np.array(got, dtype=np.float16), sim)
+    assert np.array_equal(group.native_packed(keys[9])[0], sim[9])   # the parent's fds still work
+    clone = pickle.loads(pickle.dumps(group))                        # spawn-started workers
+    assert np.array_equal(clone.native_packed(keys[4])[0], sim[4])
+
+
+def test_reader_notices_a_rewritten_shard(tmp_path, monkeypatch):
+    """An fd closed for the open-files cap and reopened later may see a newer shard file
+    (a build added rows): the cached index must not be reused for it."""
+    monkeypatch.setattr(_RowReader, "MAX_OPEN", 1)
+    keys = keys_(8)
+    sim, attn = targets(8)
+    writer = GroupWriter.open(tmp_path / "c", "g", keys, P, META, shard_size=4)
+    with writer.lock():
+        writer.write_rows(np.array([0, 1, 3]), sim[[0, 1, 3]], attn[[0, 1, 3]], {})
+        writer.write_rows(np.arange(4, 8), sim[4:], attn[4:], {})
+    group = open_cache(tmp_path / "c")["g"]
+    assert np.array_equal(group.native_packed(keys[3])[0], sim[3])    # caches shard 0's index
+    group.native_packed(keys[5])                                       # evicts shard 0's fd
+    with writer.lock():
+        writer.write_rows(np.array([2]), sim[[2]], attn[[2]], {})     # shard 0 rewritten, row 3 moves
+    assert np.array_equal(group.native_packed(keys[3])[0], sim[3])
+
+
+def test_leftover_partial_files_are_cleaned(built):
+    cache = built[0]
+    junk = [cache / "unimed-b16" / "similarity" / "c" / "0" / "0.3f2a.partial",
+            cache / "unimed-b16" / "status" / "c" / "1.aa.partial"]
+    for p in junk:
+        p.write_bytes(b"half a shard")
+    writer = GroupWriter.open(cache, "unimed-b16", [], P, META)
+    with pytest.raises(CacheError, match="lock"):
+        writer.clean_partials()
+    with writer.lock():
+        assert writer.clean_partials() == 2
+    assert not any(p.exists() for p in junk)
+    assert np.array_equal(open_cache(cache)["unimed-b16"].native_packed(built[1][0])[0], built[2][0])
+
+
+def test_corrupt_shard_is_reported(built):
+    cache, keys, _, _ = built
+    shard = cache / "unimed-b16" / "similarity" / "c" / "1" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF                         # flip bits in the shard index
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="corrupt"):
+        open_cache(cache)["unimed-b16"].native_packed(keys[4])
+
+
+def test_foreign_codecs_fall_back_to_zarr_with_a_warning(built):
+    """A store rewritten by other tools (here: no sharding, no blosc) still reads correctly."""
+    cache, keys, _, attn = built
+    path = cache / "unimed-b16" / "attention"
+    data = zarr.open_array(str(path))[:]
+    zarr.create_array(store=str(path), shape=data.shape, chunks=(3, P), dtype="float32", overwrite=True)[:] = data
+    with pytest.warns(UserWarning, match="zarr-python"):
+        group = open_cache(cache)["unimed-b16"]
+    assert np.array_equal(group.native_packed(keys[7])[1], attn[7])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # once per array, not per read or per open
+        open_cache(cache)["unimed-b16"].native_packed(keys[1])
+
+
+def test_open_cache_errors(tmp_path, built):
+    with pytest.raises(CacheError, match="no cache at"):
+        open_cache(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CacheError, match="not a medalign cache"):
+        open_cache(tmp_path / "plain")
+    zarr.create_group(store=str(tmp_path / "other"))
+    with pytest.raises(CacheError, match="not a medalign cache"):
+        open_cache(tmp_path / "other")
+    with pytest.raises(CacheError, match="not a medalign cache"):     # and no writing into it either
+        GroupWriter.open(tmp_path / "other", "g", ["a"], P, META)
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="choose a new or empty folder"):
+        GroupWriter.open(tmp_path / "plain", "g", ["a"], P, META)
+    root = built[0] / "zarr.json"
+    meta = json.loads(root.read_text())
+    meta["attributes"]["medalign_cache_schema"] = 99
+    root.write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="schema 99.*upgrade"):
+        open_cache(built[0])
+
+
+def test_default_shard_size_targets_tens_of_megabytes():
+    for num_patches in (25, 196, 576, 1024):
+        s = default_shard_size(num_patches)
+        raw = s * (packed_size(num_patches) * 2 + num_patches * 4)
+        assert 16 <= s <= 512 and (raw <= 32 * 2**20 or s == 16)
+    assert default_shard_size(196) == 512 and default_shard_size(576) == 100
