@@ -308,60 +308,74 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     metrics_file = (out / "metrics.jsonl").open("a")
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
-    while step < total_steps:
-        t0 = time.perf_counter()
-        sums = {"loss": 0.0, "ntp": 0.0, "vis": 0.0, "att": 0.0}
-        tokens = samples = 0
-        for _ in range(config.grad_accum):
-            batch = next(stream)
-            micro += 1
-            if tap is not None:
-                tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                outputs = model(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device),
-                                pixel_values=batch["pixel_values"].to(device, dtype=model.dtype),
-                                labels=batch["labels"].to(device))
-            loss = ntp = outputs.loss.float()
-            vis = att = None
-            if tap is not None:
-                sim_t, attn_t = teacher_targets_on_device(batch, student.grid, native_grid, device,
-                                                          config.alpha > 0, config.beta > 0)
-                if config.alpha > 0:
-                    vis = visual_alignment_loss(tap.aligned_visual.float(), sim_t)
-                    loss = loss + config.alpha * vis
-                if config.beta > 0:
-                    att = attention_distill_loss(tap.visual_attention.float(), attn_t,
-                                                 mode=config.attn_loss, temperature=config.attn_temperature)
-                    loss = loss + config.beta * att
-            (loss / config.grad_accum).backward()
-            sums["loss"] += loss.item() / config.grad_accum
-            sums["ntp"] += ntp.item() / config.grad_accum
-            sums["vis"] += (vis.item() if vis is not None else 0.0) / config.grad_accum
-            sums["att"] += (att.item() if att is not None else 0.0) / config.grad_accum
-            tokens += int(batch["attention_mask"].sum())
-            samples += batch["input_ids"].shape[0]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        record = {"step": step, **sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                  "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "step_time_s": dt,
-                  "peak_memory_mb": _peak_memory_mb(device)}
-        if not config.alpha:
-            record.pop("vis")
-        if not config.beta:
-            record.pop("att")
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        bar.update(1)
-        bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{tokens / dt:.0f}")
-        if step % config.log_every == 0 or step == total_steps:
-            log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if step % config.save_every == 0 and step < total_steps:
-            save_checkpoint(out, step, micro, model, transform, config, optimizer, scheduler)
+    saved = step
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            sums = {"loss": 0.0, "ntp": 0.0, "vis": 0.0, "att": 0.0}
+            tokens = samples = 0
+            for _ in range(config.grad_accum):
+                batch = next(stream)
+                micro += 1
+                if tap is not None:
+                    tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    outputs = model(input_ids=batch["input_ids"].to(device),
+                                    attention_mask=batch["attention_mask"].to(device),
+                                    pixel_values=batch["pixel_values"].to(device, dtype=model.dtype),
+                                    labels=batch["labels"].to(device))
+                loss = ntp = outputs.loss.float()
+                vis = att = None
+                if tap is not None:
+                    sim_t, attn_t = teacher_targets_on_device(batch, student.grid, native_grid, device,
+                                                              config.alpha > 0, config.beta > 0)
+                    if config.alpha > 0:
+                        vis = visual_alignment_loss(tap.aligned_visual.float(), sim_t)
+                        loss = loss + config.alpha * vis
+                    if config.beta > 0:
+                        att = attention_distill_loss(tap.visual_attention.float(), attn_t,
+                                                     mode=config.attn_loss, temperature=config.attn_temperature)
+                        loss = loss + config.beta * att
+                (loss / config.grad_accum).backward()
+                sums["loss"] += loss.item() / config.grad_accum
+                sums["ntp"] += ntp.item() / config.grad_accum
+                sums["vis"] += (vis.item() if vis is not None else 0.0) / config.grad_accum
+                sums["att"] += (att.item() if att is not None else 0.0) / config.grad_accum
+                tokens += int(batch["attention_mask"].sum())
+                samples += batch["input_ids"].shape[0]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            record = {"step": step, **sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "step_time_s": dt,
+                      "peak_memory_mb": _peak_memory_mb(device)}
+            if not config.alpha:
+                record.pop("vis")
+            if not config.beta:
+                record.pop("att")
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{tokens / dt:.0f}")
+            if step % config.log_every == 0 or step == total_steps:
+                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if step % config.save_every == 0 and step < total_steps:
+                save_checkpoint(out, step, micro, model, transform, config, optimizer, scheduler)
+            saved = step if step % config.save_every == 0 else saved
+    except (Exception, KeyboardInterrupt) as e:
+        # Nothing computed is lost: keep the last finished step, then say how to go on.
+        bar.close()
+        metrics_file.close()
+        if step > saved:
+            save_checkpoint(out, step, step * config.grad_accum, model, transform, config, optimizer, scheduler)
+        log.error("stopped at step %d: %s", step, e)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise RunError(f"training stopped at step {step}: {e}\nProgress is saved in {out / 'checkpoints'}; "
+                       f"fix the cause and rerun the same command with --resume.") from e
     bar.close()
     metrics_file.close()
 

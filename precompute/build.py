@@ -161,6 +161,12 @@ class _ShardBuffer:
         self.pending.clear()
 
 
+def default_group_name(teacher: str) -> str:
+    """The teacher's name, made a portable directory name ("open_clip:ViT-B-16" -> "open_clip--ViT-B-16");
+    readers find the group by the teacher name too (it is in the metadata)."""
+    return teacher.replace(":", "--").replace("/", "-")
+
+
 def build_cache(config: BuildConfig, progress: bool = True) -> BuildReport:
     records = load_records(config.data, config.image_root, fmt=config.fmt, split=config.split)
     keys = cache_keys(records)
@@ -168,7 +174,7 @@ def build_cache(config: BuildConfig, progress: bool = True) -> BuildReport:
                            random_init=config.random_init, device=config.device, seed=config.seed)
     metadata = dict(teacher.metadata)
     metadata["preprocessing"] = {**metadata["preprocessing"], "pad_to_square": config.pad_to_square}
-    group = config.group or teacher.spec.name
+    group = config.group or default_group_name(teacher.spec.name)
     writer = GroupWriter.open(config.cache, group, keys, teacher.num_patches, metadata,
                               shard_size=config.shard_size)
     report = BuildReport(group=group, total=len(writer.keys))
@@ -246,7 +252,7 @@ def verify_cache(cache_path: Path, teacher_name: str, image_root: Path, checkpoi
                  random_init: bool = False, samples: int = 8, seed: int = 0, device: str = "cpu",
                  group: str | None = None) -> VerifyReport:
     """Recompute a random subset of done samples and compare; check completeness and metadata."""
-    g = open_cache(cache_path)[group or teacher_name]
+    g = open_cache(cache_path)[group or default_group_name(teacher_name)]
     keys = g.keys()
     status = [g.status(k) for k in keys]
     report = VerifyReport(group=g.name, total=len(keys), done=status.count("done"),

@@ -23,7 +23,7 @@ import os
 import re
 import threading
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,9 +180,9 @@ class GroupWriter:
         bad = [k for k in keys if not isinstance(k, str) or not k]
         if bad:
             raise CacheError(f"cache keys must be non-empty strings, got {bad[:3]!r}")
-        if len(set(keys)) != len(keys):
-            dup = sorted({k for k in keys if keys.count(k) > 1})[:5] if len(keys) < 10000 else "several"
-            raise CacheError(f"cache keys repeat ({dup}): each image must appear once; deduplicate them")
+        repeated = sorted(k for k, c in Counter(keys).items() if c > 1)
+        if repeated:
+            raise CacheError(f"cache keys repeat ({repeated[:5]}): each image must appear once; deduplicate them")
         metadata = _json_normal(metadata)
         if metadata.get("num_patches", num_patches) != num_patches:
             raise CacheError(f"metadata says {metadata['num_patches']} patches but num_patches={num_patches}")
@@ -290,9 +290,9 @@ class GroupWriter:
         broken = np.flatnonzero(~failed & ~good)
         if len(broken):
             key = self.keys[rows[broken[0]]]
-            raise CacheError(f"targets for {key!r} contain NaN/inf or an all-zero attention map; they are not "
-                             f"stored as done (teacher overflow in low precision? try --device cpu or fp32), "
-                             f"or record the sample as failed")
+            raise CacheError(f"targets for {key!r} contain NaN/inf or an all-zero attention map, so they cannot "
+                             f"be stored as done: check the teacher run (overflow in low precision?) or record "
+                             f"the sample as failed")
         sim, attn = similarity_packed.copy(), attention.copy()
         sim[failed], attn[failed] = np.nan, np.nan
         status = np.where(failed, FAILED, DONE).astype(np.uint8)
@@ -304,7 +304,7 @@ class GroupWriter:
         else:
             # zarr 3.1 cannot write an integer selection into a sharded array, so merge
             # into the row range's current contents and write that back: still one shard
-            # rewrite (zarr keeps the untouched chunks' encoded bytes as they are).
+            # rewrite (the shard's chunks outside lo:hi keep their encoded bytes).
             for arr, values in ((self._similarity, sim), (self._attention, attn)):
                 block = arr[lo:hi]
                 block[rows - lo] = values
@@ -426,9 +426,10 @@ class _RowReader:
         self._reset()
 
     def close(self):
-        if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
+        # In a forked child these are its own copies of the parent's fds: closing them
+        # is safe and leaves the parent's untouched.
+        for fd in self._fds.values():
+            os.close(fd)
         self._fds.clear()
 
     def __del__(self):
@@ -440,18 +441,22 @@ class _RowReader:
 
     def _fd(self, shard: int) -> tuple[int, np.ndarray]:
         fd = self._fds.get(shard)
-        if fd is None:
-            fd = os.open(self._shard_file(shard), os.O_RDONLY)
-            self._fds[shard] = fd
-            if len(self._fds) > self.MAX_OPEN:
-                os.close(self._fds.popitem(last=False)[1])
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd, self._indexes[shard][1]
+        fd = os.open(self._shard_file(shard), os.O_RDONLY)
+        try:
             st = os.fstat(fd)
             version = (st.st_ino, st.st_size, st.st_mtime_ns)
             cached = self._indexes.get(shard)
             if cached is None or cached[0] != version:  # a build may have rewritten the shard
                 self._indexes[shard] = (version, self._read_index(fd, st.st_size, shard))
-        else:
-            self._fds.move_to_end(shard)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fds[shard] = fd
+        if len(self._fds) > self.MAX_OPEN:
+            os.close(self._fds.popitem(last=False)[1])
         return fd, self._indexes[shard][1]
 
     def _read_index(self, fd: int, size: int, shard: int) -> np.ndarray:
@@ -465,7 +470,8 @@ class _RowReader:
     def read(self, row: int, key: str) -> np.ndarray:
         if not self.fast:
             return np.asarray(self._zarr[row])
-        if self._pid != os.getpid():  # forked: the parent's fds and lock are not ours
+        if self._pid != os.getpid():  # forked: start afresh (a parent thread may have held the lock)
+            self.close()
             self._reset()
         shard, local = divmod(row, self.shard_rows)
         try:
@@ -587,7 +593,8 @@ class Cache(Mapping):
     def _resolve(self, name: str) -> str:
         if name in self._meta:
             return name
-        hits = [g for g, md in self._meta.items() if name in (md.get("aliases") or [])]
+        hits = [g for g, md in self._meta.items()
+                if name == md.get("teacher") or name in (md.get("aliases") or [])]
         if len(hits) == 1:
             return hits[0]
         available = ", ".join(f"{g} (aliases: {', '.join(md.get('aliases') or []) or '-'})"

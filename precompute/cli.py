@@ -143,3 +143,35 @@ def verify(**kw):
     if not report.ok:
         raise click.ClickException("verify failed:\n  " + "\n  ".join(report.problems))
     click.echo("ok")
+
+
+@main.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--teacher", required=True, help="Teacher group (name or alias).")
+@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--key", "keys", multiple=True,
+              help="Image key (repeat for several; one row each) [default: the first --n done keys].")
+@click.option("--n", default=3, show_default=True, help="How many keys to show when no --key is given.")
+@click.option("--patch", type=int, default=None,
+              help="Patch whose similarity row is shown (row-major index on the shown grid) "
+                   "[default: the most attended patch of each image].")
+@click.option("--patch-xy", default=None, metavar="X,Y", help="The same as column X, row Y (0-based).")
+@click.option("--grid", type=int, default=None,
+              help="Show the targets resized to a student grid G [default: the teacher's native grid].")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
+def show(cache_path, teacher, image_root, keys, n, patch, patch_xy, grid, out):
+    """Draw a teacher's attention map and one patch's similarity row over the images."""
+    from .show import show_targets
+
+    try:
+        if not keys:
+            group = open_cache(cache_path)[teacher]
+            keys = [k for k in group.keys() if group.status(k) == "done"][:n]
+            if not keys:
+                raise CacheError(f"cache group {group.name!r} has no finished samples to show")
+        result = show_targets(cache_path, teacher, image_root, keys, out, patch=patch, patch_xy=patch_xy,
+                              grid=grid)
+    except USER_ERRORS as e:
+        _fail(e)
+    click.echo(f"wrote {result.out} ({result.size[0]}x{result.size[1]} px, grid {result.grid}, "
+               f"{len(keys)} image{'s' if len(keys) != 1 else ''})")

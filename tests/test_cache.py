@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,10 +303,16 @@ def test_reads_after_fork_and_after_pickling(built):
     group.native_packed(keys[0])            # the parent has open fds and a cached index
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_child_reads, args=(group, keys, queue))
-    child.start()
-    got = queue.get(timeout=60)
-    child.join(60)
+    # Fork while another parent thread is mid-read (holds the reader's mutex): the
+    # child must start afresh, not wait forever for a lock nobody will release.
+    with group._similarity._mutex:
+        child = ctx.Process(target=_child_reads, args=(group, keys, queue))
+        child.start()
+    try:
+        got = queue.get(timeout=20)
+    finally:
+        child.join(5)
+        child.kill()
     assert child.exitcode == 0
     assert np.array_equal(np.array(got, dtype=np.float16), sim)
     assert np.array_equal(group.native_packed(keys[9])[0], sim[9])   # the parent's fds still work
@@ -398,3 +405,17 @@ def test_default_shard_size_targets_tens_of_megabytes():
         raw = s * (packed_size(num_patches) * 2 + num_patches * 4)
         assert 16 <= s <= 512 and (raw <= 32 * 2**20 or s == 16)
     assert default_shard_size(196) == 512 and default_shard_size(576) == 100
+
+
+def test_the_plain_reader_in_cache_schema_md(built):
+    """cache_schema.md's numpy + zarr recipe gives medalign's targets."""
+    cache, keys, _, _ = built
+    doc = (Path(__file__).resolve().parents[1] / "cache_schema.md").read_text()
+    code = doc.split("<!-- plain-reader -->\n```python\n", 1)[1].split("```", 1)[0]
+    group = open_cache(cache)["unimed-b16"]
+    for G in (7, 12, 3):
+        scope = {"cache_path": str(cache), "group": "unimed-b16", "key": keys[6], "G": G}
+        exec(code, scope)
+        S_t, a_t = group.targets(keys[6], grid=G)
+        assert np.abs(scope["S_t"] - S_t.double().numpy()).max() < 1e-5
+        assert np.abs(scope["a_t"] - a_t.double().numpy()).max() < 1e-6

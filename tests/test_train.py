@@ -233,3 +233,34 @@ def test_training_never_imports_the_teacher(data, tmp_path):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_broken_image_mid_run_keeps_progress(data, tmp_path):
+    """A sample that breaks mid-run stops training with its name, after saving the
+    steps done so far; --resume continues once it is fixed."""
+    import shutil
+
+    from distill.train import micro_batches
+    root = tmp_path / "images"
+    shutil.copytree(data["root"], root)
+    items = json.loads(data["train"].read_text())[:16]
+    sixth = micro_batches(len(items), 1, 0, 0)[5][0]          # the 6th sample the run will see
+    broken = items[sixth]["image"]
+    good = (root / broken).read_bytes()
+    (root / broken).write_bytes(good[: len(good) // 3])       # truncated PNG
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(items))
+    out = tmp_path / "run"
+    args = ["run", "--student", "tiny", "--layer", "2", "--alpha", "0", "--beta", "0", "--data", train,
+            "--image-root", root, "--out", out, "--batch-size", 1, "--grad-accum", 1, "--max-steps", 10,
+            "--workers", 0, "--quiet"]
+    r = CliRunner().invoke(distill_cli, [str(a) for a in args])
+    assert r.exit_code == 1
+    assert broken in r.output and "--resume" in r.output and "Traceback" not in r.output
+    assert (out / "checkpoints" / "step-0000005").is_dir()
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5]
+
+    (root / broken).write_bytes(good)
+    r = CliRunner().invoke(distill_cli, [str(a) for a in args] + ["--resume"])
+    assert r.exit_code == 0, r.output
+    assert [m["step"] for m in metrics(out)] == list(range(1, 11))
