@@ -104,3 +104,125 @@ def run(config_file, quiet, **flags):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise click.ClickException(str(msg)) from e
     click.echo(f"run finished: {out}")
+
+
+@main.command("eval")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Run directory: its base student + adapter/ + alignment/.")
+@click.option("--student", default=None, help="Without --run: a base student (local LLaVA directory or 'tiny').")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --student: directory for the base model's results (DIR/eval/<data-stem>/).")
+@click.option("--base-only", is_flag=True, default=False,
+              help="Evaluate the run's untouched base student (results in RUN/base/eval/<data-stem>/).")
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path), help="Evaluation dataset file.")
+@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", default="auto", show_default=True, help="Dataset format.")
+@click.option("--split", default=None, help="Split for files holding several (R2Gen: test).")
+@click.option("--name", default=None, help="Results folder name [the data file's stem, -SPLIT appended].")
+@click.option("--num-beams", default=1, show_default=True, help="1: greedy; more: beam search.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="VQA answers are short; reports need ~256.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N questions.")
+@click.option("--pad-to-square/--no-pad-to-square", default=None,
+              help="Image preprocessing [the run's, as in training; off for a base student].")
+@click.option("--meteor/--no-meteor", default=True, show_default=True,
+              help="METEOR needs Java (pycocoevalcap's METEOR 1.5 jar).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", "num_workers", default=2, show_default=True, help="Image-loading workers.")
+@click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
+def eval_(run_dir, student, out, base_only, data, image_root, quiet, **kw):
+    """Generate answers for a dataset and score them (VQA accuracy/recall, BLEU, ROUGE-L, METEOR, CIDEr).
+
+    \b
+    medalign-distill eval --run runs/unimed-l20 --data vqa_rad/test.json --image-root vqa_rad/images
+    medalign-distill eval --run runs/unimed-l20 --base-only --data ...     # the baseline row
+    medalign-distill eval --student ~/models/llava-med-hf --out runs/base --data ...
+    """
+    import json
+
+    from .evaluate import EvalError, evaluate
+    from .student import StudentError
+
+    if run_dir is None and student is None:
+        raise click.UsageError("give --run RUN, or --student PATH_OR_tiny with --out DIR")
+    if run_dir is None and out is None:
+        raise click.UsageError("--student without --run needs --out DIR for its results")
+    try:
+        dest = evaluate(data, image_root, run=run_dir, student=student, out=out, base_only=base_only,
+                        progress=not quiet, **kw)
+    except (EvalError, StudentError, *USER_ERRORS) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise click.ClickException(str(msg)) from e
+    m = json.loads((dest / "metrics.json").read_text())
+    vqa = m.get("vqa")
+    if vqa:
+        fmt = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
+        click.echo(f"closed accuracy {fmt(vqa['closed']['accuracy'])} (LLaVA-Med rule "
+                   f"{fmt(vqa['closed']['accuracy_llava_med'])}, n={vqa['closed']['n']}), open recall "
+                   f"{fmt(vqa['open']['recall'])} (n={vqa['open']['n']})")
+    text = m.get("text", {}).get("all")
+    if text:
+        click.echo("  ".join(f"{k} {'—' if text.get(k) is None else f'{100 * text[k]:.2f}'}"
+                             for k in ("BLEU_1", "BLEU_4", "ROUGE_L", "METEOR", "CIDEr")))
+    click.echo(f"predictions and metrics: {dest}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--data-stem", default=None, help="Only evaluations of this dataset (RUN/eval/<stem>/) [all].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the markdown table.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the table as CSV.")
+def compare(runs, data_stem, out, csv_path):
+    """One table: the settings that differ between runs and their scores (runs/* works)."""
+    from .compare import CompareError
+    from .compare import compare as make_table
+
+    try:
+        table = make_table(runs, data_stem=data_stem)
+    except (CompareError, *USER_ERRORS) as e:
+        raise click.ClickException(str(e)) from e
+    md = table.markdown()
+    click.echo(md, nl=False)
+    if out is not None:
+        out.write_text(md)
+    if csv_path is not None:
+        csv_path.write_text(table.csv())
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Run directory (the --out of `medalign-distill run`).")
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Dataset file whose images to draw (e.g. the test split).")
+@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the PNGs.")
+@click.option("--keys", default=None, help="Comma-separated image keys for the attention figure.")
+@click.option("--n", default=4, show_default=True, help="Images in the attention figure when --keys is not given.")
+@click.option("--format", "fmt", default="auto", show_default=True, help="Dataset format.")
+@click.option("--split", default=None, help="Split for files holding several (R2Gen).")
+@click.option("--label-by", type=click.Choice(["auto", "answer", "folder"]), default="auto", show_default=True,
+              help="t-SNE colour: the closed question's answer, or the image's folder.")
+@click.option("--label-field", default=None, help="Colour the t-SNE by this field of the dataset's rows instead.")
+@click.option("--tsne-n", default=256, show_default=True, help="Images in the t-SNE (the first N with targets).")
+@click.option("--teacher-embedding", type=click.Choice(["similarity", "attention"]), default="similarity",
+              show_default=True, help="Teacher vector per image for the t-SNE: its patch-similarity matrix or "
+                                      "its attention map.")
+@click.option("--cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Cache to read the teacher's targets from [the run's].")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def pictures(run_dir, keys, **kw):
+    """Attention before/after training vs the teacher, loss curves and a t-SNE of a run."""
+    from .pictures import PicturesError, make_pictures
+    from .student import StudentError
+
+    try:
+        key_list = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
+        result = make_pictures(run_dir, keys=key_list, **kw)
+    except (PicturesError, StudentError, *USER_ERRORS) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise click.ClickException(str(msg)) from e
+    for name, path in result.files.items():
+        click.echo(f"{name}: {path}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import resource
 import shutil
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -75,9 +78,59 @@ def _versions() -> dict:
 
 
 def _device(config: RunConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch_dist.barrier()
+
+    def sum(self, values: list[float], device) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch_dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_distributed(device: torch.device) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size())
+
+
+def all_reduce_grads(params, dist: Dist) -> None:
+    """DDP's gradient sum, done once per optimiser step on the few trainable tensors
+    (LoRA + W), flattened into one buffer: no model wrapper around peft and the tap."""
+    if dist.world == 1:
+        return
+    for p in params:
+        if p.grad is None:  # a rank that had no sample in this step still takes part
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch_dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -109,18 +162,42 @@ def preflight(config: RunConfig, records, group, student) -> list[str]:
     missing = group.missing(keys)
     if missing:
         shown = "\n  ".join(missing[:10])
+        failed = [k for k in missing if k in group and group.status(k) == "failed"]
+        failed_note = (f"{len(failed)} of them failed when the cache was built (reasons in "
+                       f"{group.path / 'failures.jsonl'}): fix those images or drop their records.\n"
+                       if failed else "")
         raise RunError(
             f"{len(missing)} of {len(keys)} training images have no finished target in cache group "
-            f"{group.name!r} ({group.path}):\n  {shown}{' ...' if len(missing) > 10 else ''}\n"
-            f"Run `medalign-cache build --teacher {group.metadata.get('teacher', group.name)} "
-            f"--data {config.data} --image-root {config.image_root} --cache {config.cache}` "
-            f"(it resumes and computes only what is missing).")
+            f"{group.name!r} ({group.path}):\n  {shown}{' ...' if len(missing) > 10 else ''}\n{failed_note}"
+            f"Run `{rebuild_command(config, group)}` (it resumes: only what is missing is computed).")
     if group.metadata.get("recipe") is None:
         raise RunError(f"cache group {group.name!r} has no target recipe in its metadata; rebuild it")
     if group.metadata.get("random_init") or group.metadata.get("tiny"):
         warnings.append(f"cache group {group.name!r} holds targets of a random-init or tiny teacher: "
                         f"fine for tests and demos, meaningless for research")
     return warnings
+
+
+def rebuild_command(config: RunConfig, group) -> str:
+    """The `medalign-cache build` command that completes this run's targets, from the
+    cache's own record of how the group was built."""
+    md = group.metadata
+    teacher = md.get("teacher", group.name)
+    parts = ["medalign-cache build", f"--teacher {teacher}"]
+    if md.get("random_init"):
+        parts.append(f"--random-init --seed {md.get('seed', 0)}")
+    else:
+        parts.append(f"--checkpoint {md.get('checkpoint') or 'CHECKPOINT'}")
+    parts += [f"--data {config.data}", f"--image-root {config.image_root}", f"--cache {config.cache}"]
+    if config.format != "auto":
+        parts.append(f"--format {config.format}")
+    if config.split:
+        parts.append(f"--split {config.split}")
+    if (md.get("preprocessing") or {}).get("pad_to_square"):
+        parts.append("--pad-to-square")
+    if group.name != teacher.replace(":", "--").replace("/", "-"):
+        parts.append(f"--group {group.name}")
+    return " ".join(parts)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -133,18 +210,24 @@ def micro_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def batch_stream(dataset, collate, config: RunConfig, start_micro: int, pin: bool):
-    """Yields micro-batches forever (epoch after epoch), starting at `start_micro`."""
-    per_epoch = math.ceil(len(dataset) / config.batch_size)
+def batch_stream(dataset, collate, config: RunConfig, start_micro: int, pin: bool, dist: Dist = Dist()):
+    """Yields this rank's micro-batches forever (epoch after epoch) from `start_micro` on.
+
+    A global micro-batch has batch_size * world samples; rank r takes every world-th
+    of them, so N ranks together see exactly what one process with N times the batch
+    sees. A rank whose share is empty (an epoch's last, short batch) gets None."""
+    global_size = config.batch_size * dist.world
+    per_epoch = math.ceil(len(dataset) / global_size)
     epoch, skip = divmod(start_micro, per_epoch)
     while True:
-        batches = micro_batches(len(dataset), config.batch_size, config.seed, epoch)[skip:]
+        mine = [b[dist.rank::dist.world] for b in micro_batches(len(dataset), global_size, config.seed, epoch)[skip:]]
         # Own generator: a DataLoader otherwise draws its worker seed from the global RNG,
         # which LoRA dropout also uses, and a resumed run would drift from the original.
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                            num_workers=config.num_workers, pin_memory=pin,
-                            generator=torch.Generator().manual_seed(config.seed + epoch))
-        yield from loader
+        loader = iter(DataLoader(dataset, batch_sampler=[b for b in mine if b], collate_fn=collate,
+                                 num_workers=config.num_workers, pin_memory=pin,
+                                 generator=torch.Generator().manual_seed(config.seed + epoch)))
+        for b in mine:
+            yield next(loader) if b else None
         epoch, skip = epoch + 1, 0
 
 
@@ -169,25 +252,33 @@ def _trainable(model, transform):
     return params
 
 
-def save_checkpoint(out: Path, step: int, micro: int, model, transform, config, optimizer, scheduler):
+def save_checkpoint(out: Path, step: int, micro: int, model, transform, config, optimizer, scheduler,
+                    dist: Dist = Dist()):
+    """Rank 0 writes the (replicated) weights and optimiser; every rank its own RNG."""
     final = out / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
-    if transform is not None:
-        save_alignment(transform, tmp / "alignment", layer=config.layer)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "micro_step": micro}))
-    tmp.rename(final)  # a checkpoint directory exists only once complete
-    for old in sorted((out / "checkpoints").glob("step-???????"))[:-2]:
-        shutil.rmtree(old)
-    log.info("checkpoint %s", final)
+    torch.save(rng, tmp / f"rng-{dist.rank}.pt")
+    if dist.main:
+        model.save_pretrained(tmp / "adapter")
+        if transform is not None:
+            save_alignment(transform, tmp / "alignment", layer=config.layer)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "micro_step": micro, "world": dist.world}))
+    dist.barrier()
+    if dist.main:
+        tmp.rename(final)  # a checkpoint directory exists only once complete
+        for old in sorted((out / "checkpoints").glob("step-???????"))[:-2]:
+            shutil.rmtree(old)
+        log.info("checkpoint %s", final)
+    dist.barrier()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -202,7 +293,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler) -> tuple[int, int]:
+def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler, dist: Dist = Dist()) -> tuple[int, int]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -211,11 +302,14 @@ def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler) -> tuple
         transform.load_state_dict(load_alignment(ckpt / "alignment").state_dict())
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("world", 1) != dist.world:
+        raise RunError(f"{ckpt} was written by {state.get('world', 1)} processes; resume with the same number "
+                       f"(now {dist.world}) so every rank continues its own sample stream")
+    rng = torch.load(ckpt / f"rng-{dist.rank}.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((ckpt / "state.json").read_text())
     return state["step"], state["micro_step"]
 
 
@@ -224,11 +318,13 @@ def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler) -> tuple
 def train(config: RunConfig, progress: bool = True) -> TrainResult:
     from transformers import get_cosine_schedule_with_warmup
 
+    device = _device(config)
+    dist = init_distributed(device)
+    progress = progress and dist.main
     out = config.out
     if out.exists() and (out / "config.json").exists() and not config.resume:
         raise RunError(f"run directory {out} already holds a run: pass --resume to continue it, "
                        f"or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     if config.resume and (out / "config.json").exists():
         saved = json.loads((out / "config.json").read_text())
         now = config.to_dict()
@@ -236,11 +332,11 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         if diff:
             raise RunError(f"--resume with a different config than the run in {out}: "
                            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-    _setup_logging(out)
-    config.save(out / "config.json")
-    (out / "versions.json").write_text(json.dumps(_versions(), indent=2) + "\n")
-    torch.manual_seed(config.seed)
-    device = _device(config)
+    dist.barrier()  # every rank has checked the directory before rank 0 writes into it
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _setup_logging(out)
+    torch.manual_seed(config.seed)  # the same initial LoRA weights on every rank
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
     # ---- data, cache, student
@@ -249,16 +345,21 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     student_path = config.student
     if student_path == "tiny":
         student_path = out / "tiny-student"
-        if not (student_path / "config.json").exists():
+        if dist.main and not (student_path / "config.json").exists():
             make_tiny_student(student_path, seed=config.seed)
+        dist.barrier()
     student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32,
                            device=str(device))
     for w in preflight(config, records, group, student):
         log.warning(w)
-        tqdm.write(f"warning: {w}")
-    if group is not None:
+        if dist.main:
+            tqdm.write(f"warning: {w}")
+    if dist.main:  # only a run that passed its preflight is a run (a refused one can simply be rerun)
+        config.save(out / "config.json")
+        (out / "versions.json").write_text(json.dumps({**_versions(), "world_size": dist.world}, indent=2) + "\n")
+    native_grid = group.native_grid if group is not None else None
+    if group is not None and dist.main:
         (out / "cache_metadata.json").write_text(json.dumps(group.metadata, indent=2, default=str) + "\n")
-        native_grid = group.native_grid
     pad = config.pad_to_square
     if pad is None:
         pad = bool(group.metadata.get("preprocessing", {}).get("pad_to_square")) if group else False
@@ -287,89 +388,111 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     pad_id = student.processor.tokenizer.pad_token_id
     collate = make_collate(pad_id if pad_id is not None else 0, student.image_token_id,
                            student.num_visual_tokens)
-    micro_per_epoch = math.ceil(len(dataset) / config.batch_size)
+    micro_per_epoch = math.ceil(len(dataset) / (config.batch_size * dist.world))
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
 
     params = _trainable(model, transform)
+    if dist.world > 1:  # as DDP does: every rank starts from rank 0's weights
+        for p in params:
+            torch_dist.broadcast(p.data, 0)
+    torch.manual_seed(config.seed + dist.rank)  # but each rank draws its own dropout masks, as in DDP
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps),
                                                 total_steps)
     step, micro = 0, 0
     if config.resume and (ckpt := latest_checkpoint(out)) is not None:
-        step, micro = load_checkpoint(ckpt, model, transform, optimizer, scheduler)
-        _truncate_metrics(out / "metrics.jsonl", step)
+        step, micro = load_checkpoint(ckpt, model, transform, optimizer, scheduler, dist)
+        if dist.main:
+            _truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
-    log.info("run %s: %d samples, %d optimiser steps, effective batch %d, student grid %d, %s, device %s",
-             out, len(dataset), total_steps, config.batch_size * config.grad_accum, student.grid,
-             "distill (alpha=%g, beta=%g, layer %d)" % (config.alpha, config.beta, config.layer)
-             if config.distill else "plain LoRA", device)
+    log.info("run %s: %d samples, %d optimiser steps, effective batch %d (%d processes), student grid %d, %s, "
+             "device %s", out, len(dataset), total_steps, config.batch_size * config.grad_accum * dist.world,
+             dist.world, student.grid, "distill (alpha=%g, beta=%g, layer %d)" % (config.alpha, config.beta,
+             config.layer) if config.distill else "plain LoRA", device)
 
-    stream = batch_stream(dataset, collate, config, micro, pin=device.type == "cuda")
-    metrics_file = (out / "metrics.jsonl").open("a")
+    def forward_losses(batch, n_tokens: float, n_samples: float):
+        """One micro-batch: its share of the step's losses, normalised by the step's
+        GLOBAL token and sample counts, so that accumulation and ranks add up exactly
+        to one big batch (next-token loss per answer token, L_vis/L_att per sample)."""
+        if tap is not None:
+            tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device),
+                           pixel_values=batch["pixel_values"].to(device, dtype=model.dtype)).logits
+        labels = batch["labels"].to(device)
+        ntp = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                              ignore_index=-100, reduction="sum")
+        B = labels.shape[0]
+        sums = {"ntp": ntp}
+        loss = ntp / n_tokens
+        if tap is not None:
+            sim_t, attn_t = teacher_targets_on_device(batch, student.grid, native_grid, device,
+                                                      config.alpha > 0, config.beta > 0)
+            if config.alpha > 0:
+                sums["vis"] = visual_alignment_loss(tap.aligned_visual.float(), sim_t) * B
+                loss = loss + config.alpha * sums["vis"] / n_samples
+            if config.beta > 0:
+                sums["att"] = attention_distill_loss(tap.visual_attention.float(), attn_t, mode=config.attn_loss,
+                                                     temperature=config.attn_temperature) * B
+                loss = loss + config.beta * sums["att"] / n_samples
+        loss.backward()
+        return {k: v.item() for k, v in sums.items()}
+
+    stream = batch_stream(dataset, collate, config, micro, pin=device.type == "cuda", dist=dist)
+    metrics_file = (out / "metrics.jsonl").open("a") if dist.main else None
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     saved = step
     try:
         while step < total_steps:
             t0 = time.perf_counter()
-            sums = {"loss": 0.0, "ntp": 0.0, "vis": 0.0, "att": 0.0}
-            tokens = samples = 0
-            for _ in range(config.grad_accum):
-                batch = next(stream)
-                micro += 1
-                if tap is not None:
-                    tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device))
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    outputs = model(input_ids=batch["input_ids"].to(device),
-                                    attention_mask=batch["attention_mask"].to(device),
-                                    pixel_values=batch["pixel_values"].to(device, dtype=model.dtype),
-                                    labels=batch["labels"].to(device))
-                loss = ntp = outputs.loss.float()
-                vis = att = None
-                if tap is not None:
-                    sim_t, attn_t = teacher_targets_on_device(batch, student.grid, native_grid, device,
-                                                              config.alpha > 0, config.beta > 0)
-                    if config.alpha > 0:
-                        vis = visual_alignment_loss(tap.aligned_visual.float(), sim_t)
-                        loss = loss + config.alpha * vis
-                    if config.beta > 0:
-                        att = attention_distill_loss(tap.visual_attention.float(), attn_t,
-                                                     mode=config.attn_loss, temperature=config.attn_temperature)
-                        loss = loss + config.beta * att
-                (loss / config.grad_accum).backward()
-                sums["loss"] += loss.item() / config.grad_accum
-                sums["ntp"] += ntp.item() / config.grad_accum
-                sums["vis"] += (vis.item() if vis is not None else 0.0) / config.grad_accum
-                sums["att"] += (att.item() if att is not None else 0.0) / config.grad_accum
-                tokens += int(batch["attention_mask"].sum())
-                samples += batch["input_ids"].shape[0]
+            batches = [next(stream) for _ in range(config.grad_accum)]
+            micro += config.grad_accum
+            mine = [b for b in batches if b is not None]
+            local = [sum(float((b["labels"][:, 1:] != -100).sum()) for b in mine),
+                     sum(b["input_ids"].shape[0] for b in mine),
+                     sum(float(b["attention_mask"].sum()) for b in mine)]
+            n_tokens, n_samples, n_seen = dist.sum(local, device)
+            sums = {"ntp": 0.0, "vis": 0.0, "att": 0.0}
+            for batch in mine:
+                for k, v in forward_losses(batch, max(n_tokens, 1.0), n_samples).items():
+                    sums[k] += v
+            all_reduce_grads(params, dist)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            ntp, vis, att = dist.sum([sums["ntp"], sums["vis"], sums["att"]], device)
+            ntp, vis, att = ntp / max(n_tokens, 1.0), vis / n_samples, att / n_samples
             dt = time.perf_counter() - t0
-            record = {"step": step, **sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "step_time_s": dt,
+            record = {"step": step, "loss": ntp + config.alpha * vis + config.beta * att, "ntp": ntp,
+                      "vis": vis, "att": att, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "tokens_per_s": n_seen / dt, "samples_per_s": n_samples / dt, "step_time_s": dt,
                       "peak_memory_mb": _peak_memory_mb(device)}
             if not config.alpha:
                 record.pop("vis")
             if not config.beta:
                 record.pop("att")
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            if dist.main:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if step % config.log_every == 0 or step == total_steps:
+                    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in record.items()))
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{tokens / dt:.0f}")
-            if step % config.log_every == 0 or step == total_steps:
-                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{n_seen / dt:.0f}")
             if step % config.save_every == 0 and step < total_steps:
-                save_checkpoint(out, step, micro, model, transform, config, optimizer, scheduler)
-            saved = step if step % config.save_every == 0 else saved
+                save_checkpoint(out, step, micro, model, transform, config, optimizer, scheduler, dist)
+                saved = step
     except (Exception, KeyboardInterrupt) as e:
         # Nothing computed is lost: keep the last finished step, then say how to go on.
+        # (With several processes the others are stuck in a collective: torchrun ends them.)
         bar.close()
-        metrics_file.close()
-        if step > saved:
+        if metrics_file is not None:
+            metrics_file.close()
+        if step > saved and dist.world == 1:
             save_checkpoint(out, step, step * config.grad_accum, model, transform, config, optimizer, scheduler)
         log.error("stopped at step %d: %s", step, e)
         if isinstance(e, KeyboardInterrupt):
@@ -377,13 +500,14 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         raise RunError(f"training stopped at step {step}: {e}\nProgress is saved in {out / 'checkpoints'}; "
                        f"fix the cause and rerun the same command with --resume.") from e
     bar.close()
-    metrics_file.close()
-
-    model.save_pretrained(out / "adapter")
-    if transform is not None:
-        save_alignment(transform, out / "alignment", layer=config.layer)
-    plot_loss_curves(out / "metrics.jsonl", out / "loss_curves.png")
-    log.info("done: adapter in %s", out / "adapter")
+    if dist.main:
+        metrics_file.close()
+        model.save_pretrained(out / "adapter")
+        if transform is not None:
+            save_alignment(transform, out / "alignment", layer=config.layer)
+        plot_loss_curves(out / "metrics.jsonl", out / "loss_curves.png")
+        log.info("done: adapter in %s", out / "adapter")
+    dist.barrier()
     return TrainResult(out, student, transform, tap)
 
 

@@ -12,6 +12,7 @@ reached the status array. Nothing is accumulated per sample beyond one shard.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,8 +53,13 @@ class BuildConfig:
     on_error: str = "fail"            # "fail" | "skip"
     shard_size: int | None = None
     seed: int = 0
+    part: tuple[int, int] | None = None   # (i, n): this process computes the shards s with s % n == i
 
     def __post_init__(self):
+        if self.part is not None:
+            i, n = self.part
+            if not (n >= 1 and 0 <= i < n):
+                raise ValueError(f"part must be i/n with 0 <= i < n, got {i}/{n}")
         if self.on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if self.batch_size < 1 or self.num_workers < 0:
@@ -100,6 +106,33 @@ class _ImageRows(Dataset):
             return row, self.preprocess(image), None
         except (ImageError, ValueError, OSError) as e:
             return row, None, str(e)
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """'i/n' -> (i, n); None -> taken from torchrun's RANK / WORLD_SIZE when set."""
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--part must look like i/n (e.g. 0/4), got {text!r}") from None
+    return i, n
+
+
+def shard_batches(rows: np.ndarray, shard_size: int, batch_size: int, part: tuple[int, int] | None):
+    """Batches of pending rows that never straddle a shard, for the shards of this part.
+
+    A batch's content then depends only on its shard, so a build split into parts runs
+    exactly the forwards a single process runs, and writes byte-identical arrays."""
+    shards = rows // shard_size
+    batches = []
+    for shard in np.unique(shards):
+        if part is not None and shard % part[1] != part[0]:
+            continue
+        in_shard = rows[shards == shard]
+        batches += [in_shard[i:i + batch_size].tolist() for i in range(0, len(in_shard), batch_size)]
+    return batches
 
 
 def _collate(items):
@@ -177,25 +210,29 @@ def build_cache(config: BuildConfig, progress: bool = True) -> BuildReport:
     group = config.group or default_group_name(teacher.spec.name)
     writer = GroupWriter.open(config.cache, group, keys, teacher.num_patches, metadata,
                               shard_size=config.shard_size)
-    report = BuildReport(group=group, total=len(writer.keys))
+    report = BuildReport(group=group, total=len(keys))  # this dataset's images, not the whole group
     # LLaVA-Med pads with the image mean so padding looks like "nothing" after normalisation.
     pad_color = tuple(int(255 * m) for m in teacher.mean)
 
-    with writer.lock():
+    with writer.lock(config.part):
         writer.clean_partials()
-        pending = writer.pending_rows()
+        # Failed rows are retried: after fixing an image, rerunning the same command is the fix.
+        pending = writer.pending_rows(retry_failed=True)
+        batches = shard_batches(pending, writer.shard_size, config.batch_size, config.part)
+        todo = sum(map(len, batches))
         report.already_done = report.total - len(pending)
-        if len(pending) == 0:
+        if todo == 0:
             return report
+        # The dataset indexes rows directly; the batch sampler fixes which rows go together.
         loader = DataLoader(
-            _ImageRows(pending, writer.keys, config.image_root, teacher.preprocess,
+            _ImageRows(np.arange(len(writer.keys)), writer.keys, config.image_root, teacher.preprocess,
                        config.pad_to_square, pad_color),
-            batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=_collate,
+            batch_sampler=batches, num_workers=config.num_workers, collate_fn=_collate,
             pin_memory=config.device.startswith("cuda"),
             persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None,
         )
-        bar = tqdm(total=len(pending), desc=f"teacher {group}", unit="img", disable=not progress,
-                   dynamic_ncols=True)
+        label = f"teacher {group}" + (f" part {config.part[0]}/{config.part[1]}" if config.part else "")
+        bar = tqdm(total=todo, desc=label, unit="img", disable=not progress, dynamic_ncols=True)
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1) as pool:
             buffer = _ShardBuffer(writer, pool)
@@ -204,8 +241,9 @@ def build_cache(config: BuildConfig, progress: bool = True) -> BuildReport:
                     for row, err in bad:
                         key = writer.keys[row]
                         if config.on_error == "fail":
+                            where = str(resolve_image(config.image_root, key))
                             raise BuildError(
-                                f"{resolve_image(config.image_root, key)}: {err}\n"
+                                f"{err if err.startswith(where) else f'{where}: {err}'}\n"
                                 f"Fix or remove this image, or rerun with --on-error skip to record it as "
                                 f"failed and go on (finished rows are kept; the rerun resumes).")
                         buffer.add(row, None, None, err)

@@ -16,6 +16,7 @@ Reads do not: zarr-python spends milliseconds per single-row read, so `_RowReade
 parses the shard index itself and reads a row with one pread + one blosc decode.
 """
 
+import contextlib
 import fcntl
 import json
 import math
@@ -88,26 +89,30 @@ def _read_json(path: Path) -> dict:
 # ----------------------------------------------------------------------------- lock
 
 @contextmanager
-def _flock(lock_path: Path, what: str):
-    """Exclusive, non-blocking flock; the holder's pid is written in the file for the message."""
+def _flock(lock_path: Path, what: str, shared: bool = False, blocking: bool = False):
+    """flock on `lock_path`: exclusive (a whole build) or shared (one part of a build split
+    into parts, which write disjoint shards); non-blocking unless asked. An exclusive
+    holder writes its pid in the file for the message."""
     f = open(lock_path, "a+")
     try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             raise CacheLockedError(
                 f"another build is writing {what} (pid {holder}, lock {lock_path}); wait for it to finish, "
                 f"or stop it (its finished rows are kept) and rerun") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
+        if not shared:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
         try:
             yield
         finally:
-            f.truncate(0)
+            if not shared:
+                f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)
     finally:
         f.close()
@@ -163,7 +168,7 @@ class GroupWriter:
         self._status = zarr.open_array(str(self.path / "status"), mode="r+")
         self._similarity = zarr.open_array(str(self.path / "similarity"), mode="r+")
         self._attention = zarr.open_array(str(self.path / "attention"), mode="r+")
-        self._locked = False
+        self._locked, self._part = False, None
 
     @classmethod
     def open(cls, cache_path, group: str, keys: Sequence[str], num_patches: int, metadata: dict,
@@ -192,9 +197,10 @@ class GroupWriter:
         _open_root(cache_path)
         gpath = cache_path / group
         gpath.mkdir(exist_ok=True)
-        # Deciding "create or append" and doing it happen under the build lock, so two
-        # builds starting together cannot both create (or both extend) the group.
-        with _flock(gpath / "build.lock", f"group {group!r} of cache {cache_path}"):
+        # Deciding "create or append" happens under a short blocking lock, so builds (or
+        # the parts of one build) starting together cannot both create the group; the
+        # parts of one build then find it created, with the same keys.
+        with _flock(gpath / "create.lock", f"group {group!r} of cache {cache_path}", blocking=True):
             if (gpath / "zarr.json").exists():
                 attrs = _read_json(gpath / "zarr.json").get("attributes", {})
                 _check_group_schema(gpath, attrs)
@@ -205,8 +211,9 @@ class GroupWriter:
                 old = zarr.open_array(str(gpath / "keys"), mode="r")[:].tolist()
                 known = set(old)
                 new = [k for k in keys if k not in known]
-                if new:
-                    cls._append(gpath, len(old), new)
+                if new:  # resizing must not race a running build's writes
+                    with _flock(gpath / "build.lock", f"group {group!r} of cache {cache_path}"):
+                        cls._append(gpath, len(old), new)
                 all_keys = old + new
             else:
                 shard_size = default_shard_size(num_patches) if shard_size is None else int(shard_size)
@@ -240,14 +247,23 @@ class GroupWriter:
         keys[n_old:n] = np.array(new, dtype=object)
 
     @contextmanager
-    def lock(self):
-        """Hold the group's build lock (non-blocking; CacheLockedError if another build has it)."""
-        with _flock(self.path / "build.lock", f"group {self.group!r} of cache {self.cache_path}"):
-            self._locked = True
+    def lock(self, part: tuple[int, int] | None = None):
+        """Hold the group's build lock (non-blocking; CacheLockedError if another build has it).
+
+        part=(i, n): one of n parts of a build that write disjoint shards (shard % n == i):
+        parts share the group lock with each other, never with a whole build, and each
+        part holds its own lock exclusively."""
+        what = f"group {self.group!r} of cache {self.cache_path}"
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_flock(self.path / "build.lock", what, shared=part is not None))
+            if part is not None:
+                i, n = part
+                stack.enter_context(_flock(self.path / f"build.part-{i}-of-{n}.lock", f"part {i}/{n} of {what}"))
+            self._locked, self._part = True, part
             try:
                 yield self
             finally:
-                self._locked = False
+                self._locked, self._part = False, None
 
     def _require_lock(self, what: str):
         if not self._locked:
@@ -321,6 +337,8 @@ class GroupWriter:
         """Delete temp files (*.partial) a killed writer left behind; returns how many.
         Under the lock, so no live writer's temp file can be among them."""
         self._require_lock("clean_partials")
+        if self._part is not None:
+            return 0  # other parts may be writing right now; a whole build cleans up
         leftovers = list(self.path.rglob("*.partial"))
         for p in leftovers:
             p.unlink(missing_ok=True)

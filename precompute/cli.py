@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .build import BuildConfig, BuildError, build_cache, verify_cache
+from .build import BuildConfig, BuildError, build_cache, parse_part, verify_cache
 from .cache import CacheError, open_cache
 from .datasets import DatasetError
 from .images import ImageError
@@ -75,15 +75,31 @@ def main():
                    "failed in the cache and failures.jsonl, and go on.")
 @click.option("--shard-size", type=int, default=None, help="Samples per shard file [default: ~32 MB].")
 @click.option("--seed", default=0, show_default=True, help="Seed for --random-init weights.")
+@click.option("--part", default=None, metavar="I/N",
+              help="Compute only part I of N (shards s with s % N == I), e.g. one task of a SLURM array; "
+                   "parts write disjoint files of the same cache and resume on their own. Under torchrun "
+                   "it is taken from RANK/WORLD_SIZE.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(quiet, **kw):
-    """Run a teacher over a dataset's images and store its targets (resumable)."""
+    """Run a teacher over a dataset's images and store its targets (resumable).
+
+    \b
+    Many GPUs / machines: every process runs the same command and takes its part:
+      torchrun --nproc_per_node 4 -m precompute.cli build ...        (or: medalign-cache build ... --part $I/$N)
+    """
     try:
+        kw["part"] = parse_part(kw["part"])
+        local_rank = os.environ.get("LOCAL_RANK")
+        if kw["device"] == "cuda" and local_rank is not None:
+            kw["device"] = f"cuda:{local_rank}"
+        if kw["part"] is not None and "LOCAL_RANK" in os.environ and kw["part"][0] != 0:
+            quiet = True  # one progress bar per torchrun job, not one per process
         report = build_cache(BuildConfig(**kw), progress=not quiet)
     except USER_ERRORS as e:
         _fail(e)
     rate = f", {report.images_per_s:.1f} img/s" if report.computed else ""
-    click.echo(f"group {report.group}: {report.total} samples, {report.computed} computed{rate}, "
+    part = f" (part {kw['part'][0]}/{kw['part'][1]})" if kw["part"] else ""
+    click.echo(f"group {report.group}{part}: {report.total} samples, {report.computed} computed{rate}, "
                f"{report.already_done} already done, {report.failed} failed")
     if report.failed:
         click.echo(f"failed samples are listed in {kw['cache'] / report.group / 'failures.jsonl'}")
@@ -175,3 +191,7 @@ def show(cache_path, teacher, image_root, keys, n, patch, patch_xy, grid, out):
         _fail(e)
     click.echo(f"wrote {result.out} ({result.size[0]}x{result.size[1]} px, grid {result.grid}, "
                f"{len(keys)} image{'s' if len(keys) != 1 else ''})")
+
+
+if __name__ == "__main__":  # `python -m precompute.cli` / `torchrun -m precompute.cli`
+    main()

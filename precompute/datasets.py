@@ -191,7 +191,7 @@ class _Source:
         """(label, row) for a top-level list, `split` applied where rows carry one."""
         if not isinstance(data, list):
             shape = f"an object with keys {sorted(data)[:8]}" if isinstance(data, dict) else type(data).__name__
-            raise DatasetError(f"{self.path}: expected {what} at the top level, got {shape}")
+            raise DatasetError(f"{self.path}: expected {what} at the top level, got {shape}{_object_hint(data)}")
         labels = self.labels or [f"record {i}" for i in range(len(data))]
         rows = list(zip(labels, data))
         for label, row in rows:
@@ -491,6 +491,21 @@ def _read(path: Path) -> tuple[object, list[str] | None, str]:
     return rows, labels, "jsonl"
 
 
+_RECORD_FIELDS = {"image", "conversations", "question", "image_name", "img_name", "text", "question_id"}
+
+
+def _object_hint(data) -> str:
+    """What a JSON object given where a list of records belongs most likely is."""
+    if not isinstance(data, dict):
+        return ""
+    if _RECORD_FIELDS & set(data):
+        return " (this looks like ONE record: a dataset is a list of records, wrap it in [ ])"
+    lists = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    if lists:
+        return f" (the records seem to be the list under {lists[0]!r}: save that list as the dataset file)"
+    return ""
+
+
 def detect_format(data, kind: str, path=None) -> str:
     """The format name for parsed content, from its shape and field names."""
     if kind == "csv":
@@ -500,8 +515,9 @@ def detect_format(data, kind: str, path=None) -> str:
             if isinstance(value, list) and value and isinstance(value[0], dict) and \
                     ("image_path" in value[0] or "report" in value[0]):
                 return "r2gen"
-        raise DatasetError(f"{path}: cannot tell the format of an object with keys {sorted(data)[:8]}; "
-                           f"expected an R2Gen file {{\"train\": [{{\"id\", \"report\", \"image_path\"}}]}} "
+        raise DatasetError(f"{path}: cannot tell the format of an object with keys {sorted(data)[:8]}"
+                           f"{_object_hint(data)}; expected an R2Gen file "
+                           f"{{\"train\": [{{\"id\", \"report\", \"image_path\"}}]}} "
                            f"or a list of records; choose one with --format ({', '.join(FORMATS)})")
     if isinstance(data, list):
         if not data:

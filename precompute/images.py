@@ -83,11 +83,24 @@ def _load_pil(path: Path) -> Image.Image:
             img.load()
             return _to_rgb(ImageOps.exif_transpose(img))
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: {e} If this image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
-                         f"(now {Image.MAX_IMAGE_PIXELS}) before building.") from None
+        # PIL's text gives its refusal limit (2 x MAX_IMAGE_PIXELS); say which knob that is.
+        raise ImageError(f"{path}: {e} A header this large is usually corrupt; if the image is genuine, "
+                         f"downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}; "
+                         f"PIL refuses twice that) before building.") from None
+    except Image.UnidentifiedImageError:
+        # PIL's own text only repeats the path; what the file starts with says more.
+        raise ImageError(f"{path}: not a readable image: no image format PIL knows starts with "
+                         f"{_head(path)!r}; re-export or remove it") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
-        what = "not a readable image" if isinstance(e, Image.UnidentifiedImageError) else "cannot decode"
-        raise ImageError(f"{path}: {what} ({type(e).__name__}: {e}); re-export or remove it") from None
+        raise ImageError(f"{path}: cannot decode ({type(e).__name__}: {e}); re-export or remove it") from None
+
+
+def _head(path: Path, n: int = 16) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -25,6 +25,7 @@ Pure matplotlib (Agg backend), no teacher, no open_clip: only the cache is read.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,7 @@ class ShowResult:
     grid: int
     patches: list[int]          # the similarity row shown, per key
     size: tuple[int, int]       # PNG width, height in pixels
+    panels: dict                # (row, column) -> (left, top, right, bottom) of each map panel, PNG pixels
 
 
 def overlay(ax, picture: np.ndarray, heat: np.ndarray, *, cmap="jet", alpha=0.5, vmin=None, vmax=None,
@@ -139,7 +141,8 @@ def show_targets(cache, teacher: str, image_root, keys, out, *, patch: int | Non
     size = int(md["preprocessing"]["image_size"])
 
     rows = len(keys)
-    fig, axes = plt.subplots(rows, 2, figsize=(2 * PANEL_W, rows * PANEL_H + TITLE_H), dpi=DPI, squeeze=False)
+    fig, axes = plt.subplots(rows, 2, figsize=(2 * PANEL_W, rows * PANEL_H + TITLE_H), dpi=DPI, squeeze=False,
+                             layout="constrained")
     title = f"teacher {md.get('teacher', group.name)} ({md.get('arch')}), group {group.name}, "
     title += f"native grid {group.native_grid}" + (f", shown at grid {g}" if g != group.native_grid else "")
     random_init = bool(md.get("random_init"))
@@ -171,14 +174,18 @@ def show_targets(cache, teacher: str, image_root, keys, out, *, patch: int | Non
                                linewidth=1.5))
         ax.plot([(px + 0.5) * cell - 0.5], [(py + 0.5) * cell - 0.5], marker="x", color="white", markersize=6)
         ax.set_title(f"similarity of patch {p} (x={px}, y={py})", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - TITLE_H / (rows * PANEL_H + TITLE_H)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
+    height = fig.bbox.height
+    panels = {}
+    for (r, c), ax in np.ndenumerate(axes):
+        b = ax.get_window_extent()
+        panels[(r, c)] = (math.ceil(b.x0), math.ceil(height - b.y1), math.floor(b.x1), math.floor(height - b.y0))
     plt.close(fig)
     with Image.open(out) as im:
         shape = im.size
-    return ShowResult(out=out, grid=g, patches=chosen, size=shape)
+    return ShowResult(out=out, grid=g, patches=chosen, size=shape, panels=panels)
 
 
 __all__ = ["RANDOM_INIT_NOTE", "ShowResult", "parse_patch", "show_targets", "teacher_view", "upsample_map"]

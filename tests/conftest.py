@@ -9,4 +9,6 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# One thread: the suite also runs subprocesses and DataLoader workers on 2 cores, and an
+# oversubscribed core makes tiny forwards ~100x slower.
+torch.set_num_threads(1)

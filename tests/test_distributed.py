@@ -1,0 +1,160 @@
+"""Past one process: a cache build split into parts (job arrays, torchrun) writes
+exactly what one process writes; distributed training matches one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from precompute.cli import main as cache_cli
+
+from tests.test_build import llava_json, make_images
+
+BIN = Path(sys.executable).parent
+# The same thread count everywhere: the parts must run bit-identical forwards.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def arrays(cache: Path, group: str = "tiny"):
+    g = zarr.open_group(str(cache / group), mode="r")
+    return {name: g[name][:] for name in ("keys", "status", "similarity", "attention")}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    keys = make_images(tmp / "images", 22, seed=5)
+    return tmp, llava_json(tmp / "train.json", keys)
+
+
+def build_args(tmp, data, cache, *extra):
+    return ["build", "--teacher", "tiny", "--random-init", "--data", str(data), "--image-root",
+            str(tmp / "images"), "--cache", str(cache), "--batch-size", "3", "--shard-size", "4",
+            "--workers", "0", "--quiet", *extra]
+
+
+@pytest.fixture()
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli_in_process(args):
+    return CliRunner().invoke(cache_cli, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def reference(dataset):
+    tmp, data = dataset
+    cache = tmp / "single"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli_in_process(build_args(tmp, data, cache)).exit_code == 0
+    finally:
+        torch.set_num_threads(n)
+    return arrays(cache)
+
+
+def test_parts_as_job_array_equal_single_process(dataset, reference, one_thread):
+    tmp, data = dataset
+    cache = tmp / "parts"
+    cli = [str(BIN / "medalign-cache")]
+    # part 0 alone: only its shards (0, 2, 4) are done, the others wait for their part
+    r = cli_in_process(build_args(tmp, data, cache, "--part", "0/2"))
+    assert r.exit_code == 0, r.output
+    status = arrays(cache)["status"]
+    shard_of_row = np.arange(len(status)) // 4
+    assert (status[shard_of_row % 2 == 0] == 1).all() and (status[shard_of_row % 2 == 1] == 0).all()
+    # parts 1/2 and 0/2 (nothing left to do) running at the same time on the same cache
+    procs = [subprocess.Popen(cli + build_args(tmp, data, cache, "--part", p), env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for p in ("1/2", "0/2")]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    result = arrays(cache)
+    for name in reference:
+        assert np.array_equal(result[name], reference[name]), name
+
+
+def test_torchrun_build_equals_single_process(dataset, reference):
+    tmp, data = dataset
+    cache = tmp / "torchrun"
+    r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517", "-m",
+                        "precompute.cli", *build_args(tmp, data, cache)], env=ENV, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = arrays(cache)
+    for name in reference:
+        assert np.array_equal(result[name], reference[name]), name
+
+
+def test_a_whole_build_refuses_while_a_part_runs(dataset):
+    import fcntl
+    tmp, data = dataset
+    cache = tmp / "locks"
+    assert cli_in_process(build_args(tmp, data, cache, "--part", "0/2")).exit_code == 0
+    # flock locks belong to open files, so this holder conflicts even within one process
+    with open(cache / "tiny" / "build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)       # a part holding its share of the group lock
+        whole = CliRunner().invoke(cache_cli, build_args(tmp, data, cache))
+        other_part = CliRunner().invoke(cache_cli, build_args(tmp, data, cache, "--part", "1/2"))
+    assert whole.exit_code == 1 and "another build" in whole.output
+    assert other_part.exit_code == 0, other_part.output
+
+
+TRAIN = """
+import json, sys
+from distill.config import RunConfig
+from distill.train import train
+args = json.loads(sys.argv[1])
+train(RunConfig(**args), progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def train_data(dataset):
+    tmp, data = dataset
+    cache = tmp / "train-cache"
+    assert cli_in_process(build_args(tmp, data, cache)).exit_code == 0
+    return tmp, data, cache
+
+
+def run_training(tmp, data, cache, out, world: int, batch_size: int):
+    args = dict(cache=str(cache), teacher="tiny", student="tiny", data=str(data), image_root=str(tmp / "images"),
+                out=str(out), layer=2, max_steps=6, batch_size=batch_size, grad_accum=2, lr=3e-3, lora_dropout=0.0,
+                num_workers=0, save_every=3)
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", "29518"] if world > 1 \
+        else [sys.executable]
+    cmd = launcher + (["-c", TRAIN] if world == 1 else [str(tmp / "train_script.py")]) + [json.dumps(args)]
+    (tmp / "train_script.py").write_text(TRAIN)
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_like_one_with_twice_the_batch(train_data):
+    """gloo on CPU: 2 ranks x batch 2 == 1 process x batch 4 (same samples per step,
+    gradients summed over ranks, losses normalised by the step's global counts)."""
+    from safetensors.torch import load_file
+    tmp, data, cache = train_data
+    one = run_training(tmp, data, cache, tmp / "run-1x4", world=1, batch_size=4)
+    two = run_training(tmp, data, cache, tmp / "run-2x2", world=2, batch_size=2)
+    for key in ("loss", "ntp", "vis", "att"):
+        assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-4, abs=1e-6), key
+    a = load_file(tmp / "run-1x4" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp / "run-2x2" / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert json.loads((tmp / "run-2x2" / "versions.json").read_text())["world_size"] == 2
+    # each rank checkpointed its own RNG stream
+    assert sorted(p.name for p in (tmp / "run-2x2" / "checkpoints").glob("*/rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]

@@ -1,0 +1,320 @@
+"""Evaluation: metrics on hand-checked cases, `medalign-distill eval` on trained and
+base tiny students (real cache, real runs), generation against full forwards, and
+`medalign-distill compare` over an alpha/beta ablation."""
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from distill import metrics as M
+from distill.cli import main as distill_cli
+from distill.config import RunConfig
+from distill.evaluate import decode, generate_batch, left_pad_collate, load_for_eval, prompt_dataset
+from distill.train import train
+from precompute.build import BuildConfig, build_cache
+from precompute.datasets import load_records
+
+# ----------------------------------------------------------------------------- metrics, by hand
+
+
+def test_normalize_answer_follows_llava_med():
+    assert M.normalize_answer("Yes, it is.") == "yes it is"
+    assert M.normalize_answer("The lesion is in the LEFT lung") == "lesion is in left lung"
+    assert M.normalize_answer("left-sided") == "left sided"          # no space next to '-': a separator
+    assert M.normalize_answer("No - left-sided") == "no leftsided"   # ' -' present: every '-' deleted
+    assert M.normalize_answer("3.5 cm.") == "3.5 cm"                 # decimal point kept, full stop gone
+    assert M.normalize_answer("1,000 mm") == "1000 mm"
+    assert M.normalize_answer("two") == "2" and M.normalize_answer("None") == "0"
+    assert M.normalize_answer("Is it (CT)?") == "is it ct"
+
+
+@pytest.mark.parametrize("prediction,reference,strict,llava_med", [
+    ("Yes", "yes", 1, 1),
+    ("yes.", "Yes", 1, 1),
+    ("No, there is no effusion.", "no", 1, 1),
+    ("The heart is normal.", "no", 0, 1),        # 'no' inside 'normal': LLaVA-Med's substring rule counts it
+    ("Yes, there is no doubt.", "no", 0, 1),     # first yes/no word is 'yes'
+    ("yes or no", "no", 0, 1),
+    ("nothing", "no", 0, 1),
+    ("It is not enlarged", "no", 0, 1),          # 'not' is not 'no' (but holds it as a substring)
+    ("Maybe", "yes", 0, 0),
+    ("The lesion is on the left.", "left", 1, 1),  # a choice question (VQA-RAD style)
+    ("leftward", "left", 0, 1),
+    ("CT scan", "CT", 1, 1),
+])
+def test_closed_rules(prediction, reference, strict, llava_med):
+    assert M.closed_hit(prediction, reference) == strict
+    assert M.closed_hit_llava_med(prediction, reference) == llava_med
+
+
+def test_open_recall_and_f1_by_hand():
+    assert M.open_recall("left lung", "left lung") == 1.0
+    assert M.open_recall("the left upper lobe", "left lung") == 0.5          # 'left' of {left, lung}
+    assert M.open_recall("Left lobe", "left upper lobe") == pytest.approx(2 / 3)
+    assert M.open_recall("x x x", "x y") == 0.75   # LLaVA-Med counts the prediction's repeats: 3 / (3 + 1)
+    assert M.open_recall("", "left") == 0.0 and M.open_recall("right", "left") == 0.0
+    # f1: 'the' is dropped as an article; tp 1 (left), fp 2 (upper, lobe), fn 1 (lung): P 1/3, R 1/2
+    assert M.open_f1("the left upper lobe", "left lung") == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+
+
+def test_vqa_metrics_per_type_and_overall():
+    preds = ["yes", "No.", "normal", "left lung", "right"]
+    refs = ["yes", "yes", "no", "left upper lung", "left"]
+    types = ["closed", "closed", "closed", "open", "open"]
+    m = M.vqa_metrics(preds, refs, types)
+    assert m["closed"] == {"n": 3, "accuracy": pytest.approx(1 / 3), "accuracy_llava_med": pytest.approx(2 / 3)}
+    assert m["open"]["n"] == 2 and m["open"]["recall"] == pytest.approx((2 / 3 + 0) / 2)
+    assert m["overall"] == {"n": 5, "score": pytest.approx((1 + 0 + 0 + 2 / 3 + 0) / 5)}
+    empty = M.vqa_metrics(["a"], ["b"], ["open"])
+    assert empty["closed"] == {"n": 0, "accuracy": None, "accuracy_llava_med": None}
+
+
+def test_bleu_rouge_cider_by_hand():
+    same = M.report_metrics(["The heart is normal in size.", "No acute disease"],
+                            ["the heart is normal in size", "no acute disease"], meteor=False)
+    for k in ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L"):
+        assert same[k] == pytest.approx(1.0, abs=1e-6), k
+    # "the cat sat on the mat" vs "the cat is on the mat": equal lengths (brevity penalty 1);
+    # clipped n-gram precisions 5/6, 3/5, 1/4, 0/3 -> BLEU-1 5/6, BLEU-2 sqrt(1/2),
+    # BLEU-3 (1/8)^(1/3) = 1/2, BLEU-4 ~0 (pycocoevalcap smooths a zero count to 1e-15).
+    # ROUGE-L: LCS "the cat on the mat" = 5 of 6 both ways -> F = 5/6.
+    m = M.report_metrics(["the cat sat on the mat"], ["the cat is on the mat"], meteor=False)
+    assert m["BLEU_1"] == pytest.approx(5 / 6, abs=1e-6)
+    assert m["BLEU_2"] == pytest.approx(math.sqrt(0.5), abs=1e-6)
+    assert m["BLEU_3"] == pytest.approx(0.5, abs=1e-6)
+    assert m["BLEU_4"] < 1e-3
+    assert m["ROUGE_L"] == pytest.approx(5 / 6)
+    # Brevity penalty: "the cat" against a 6-word reference: p1 = 1, BP = exp(1 - 6/2) = e^-2.
+    short = M.report_metrics(["the cat"], ["the cat is on the mat"], meteor=False)
+    assert short["BLEU_1"] == pytest.approx(math.exp(-2), abs=1e-6)
+    # CIDEr: two documents, disjoint words, hypothesis = reference: every n-gram has idf
+    # log 2; cosine 1 for n = 1..4 when the text has 4-grams -> 10 x mean(1,1,1,1) = 10,
+    # and 10 x mean(1,1,0,0) = 5 for two-word texts (no 3- or 4-grams).
+    assert M.report_metrics(["a b c d", "e f g h"], ["a b c d", "e f g h"], meteor=False)["CIDEr"] \
+        == pytest.approx(10.0)
+    assert M.report_metrics(["ab cd", "ef gh"], ["ab cd", "ef gh"], meteor=False)["CIDEr"] == pytest.approx(5.0)
+    assert M.tokenize_report("Heart size is NORMAL; 3.5 cm.") == "heart size is normal 3.5 cm"
+
+
+def test_meteor_or_its_reason():
+    m = M.report_metrics(["the heart is normal", "no effusion"], ["the heart is normal", "no effusion"])
+    if M.java_version() is None:
+        assert m["METEOR"] is None and "Java" in m["unavailable"]["METEOR"]
+        pytest.skip("no Java here: METEOR is reported unavailable, as it should be")
+    assert m["METEOR"] == pytest.approx(1.0)
+    assert M.report_metrics(["alpha beta"], ["gamma delta"])["METEOR"] == pytest.approx(0.0)
+    part = M.report_metrics(["the heart is normal"], ["the heart is normal in size"])["METEOR"]
+    assert 0.3 < part < 1.0
+    assert "meteor-1.5.jar" in M.implementations(True)["METEOR"]
+
+
+def test_score_predictions_oracle_and_groups():
+    from distill.evaluate import score_predictions
+    rows = [{"answer": "yes", "prediction": "Yes.", "answer_type": "closed"},
+            {"answer": "left", "prediction": "left", "answer_type": "closed"},
+            {"answer": "upper lobe", "prediction": "upper lobe", "answer_type": "open"},
+            {"answer": "", "prediction": "anything", "answer_type": None}]      # a question without reference
+    m = score_predictions(rows, meteor=False)
+    assert (m["n"], m["n_with_reference"]) == (4, 3)
+    assert m["vqa"]["closed"]["accuracy"] == 1.0 and m["vqa"]["open"]["recall"] == 1.0
+    assert m["vqa"]["overall"] == {"n": 3, "score": 1.0}
+    assert set(m["text"]) == {"all", "closed", "open"} and m["text"]["all"]["n"] == 3
+    assert m["text"]["all"]["BLEU_1"] == pytest.approx(1.0, abs=1e-6)
+    assert m["text"]["all"]["METEOR"] is None and "not computed" in m["implementations"]["METEOR"]
+
+
+# ----------------------------------------------------------------------------- runs to evaluate
+
+QUESTIONS = [("Where is the bright spot?", lambda q: "top" if q < 2 else "bottom", None),
+             ("Is the spot on the left or the right?", lambda q: "left" if q % 2 == 0 else "right", None)]
+
+
+def _images(root: Path, n: int):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        quadrant = i % 4
+        img = (rng.random((64, 64)) * 60).astype(np.uint8)
+        y, x = (8 + 32 * (quadrant // 2), 8 + 32 * (quadrant % 2))
+        img[y:y + 16, x:x + 16] = 250
+        Image.fromarray(img).save(root / f"scan_{i:02d}.png")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Images, a LLaVA training file, a tiny cache and three short runs (an alpha/beta
+    ablation sharing that cache); a test file with closed (yes/no and choice) and open questions."""
+    tmp = tmp_path_factory.mktemp("eval")
+    root = tmp / "images"
+    root.mkdir()
+    _images(root, 8)
+    items = []
+    for i in range(8):
+        question, answer, _ = QUESTIONS[i % 2]
+        items.append({"id": f"q{i}", "image": f"scan_{i:02d}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer(i % 4)}]})
+    train_json = tmp / "train.json"
+    train_json.write_text(json.dumps(items))
+    test = []
+    for i in range(4):
+        q = i % 4
+        key = f"scan_{i:02d}.png"
+        test += [
+            {"id": f"open{i}", "image": key, "answer_type": "OPEN", "conversations": [
+                {"from": "human", "value": "<image>\nWhere is the bright spot?"},
+                {"from": "gpt", "value": "top" if q < 2 else "bottom"}]},
+            {"id": f"choice{i}", "image": key, "answer_type": "CLOSED", "conversations": [
+                {"from": "human", "value": "<image>\nIs the spot on the left or the right?"},
+                {"from": "gpt", "value": "left" if q % 2 == 0 else "right"}]},
+            {"id": f"yesno{i}", "image": key, "answer_type": "CLOSED", "conversations": [
+                {"from": "human", "value": "<image>\nIs the spot at the top?"},
+                {"from": "gpt", "value": "yes" if q < 2 else "no"}]},
+        ]
+    test_json = tmp / "test.json"
+    test_json.write_text(json.dumps(test))
+    cache = tmp / "cache"
+    build_cache(BuildConfig(teacher="tiny", random_init=True, cache=cache, data=train_json, image_root=root,
+                            num_workers=0), progress=False)
+    out = {}
+    for name, alpha, beta in [("both", 1.0, 0.05), ("no-attn", 1.0, 0.0), ("lora", 0.0, 0.0)]:
+        config = RunConfig(cache=cache, teacher="tiny", student="tiny", data=train_json, image_root=root,
+                           out=tmp / "runs" / name, layer=2, alpha=alpha, beta=beta, max_steps=2, batch_size=2,
+                           grad_accum=1, lr=3e-3, warmup_ratio=0.0, num_workers=0)
+        out[name] = train(config, progress=False).out
+    return {"tmp": tmp, "root": root, "test": test_json, "runs": out}
+
+
+def _eval(*args):
+    r = CliRunner().invoke(distill_cli, ["eval", *map(str, args), "--max-new-tokens", "6", "--workers", "0",
+                                         "--quiet"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_compare_end_to_end(runs):
+    tmp, root, test = runs["tmp"], runs["root"], runs["test"]
+    both, no_attn = runs["runs"]["both"], runs["runs"]["no-attn"]
+    r = _eval("--run", both, "--data", test, "--image-root", root, "--batch-size", 5)
+    assert "closed accuracy" in r.output and "open recall" in r.output
+    _eval("--run", no_attn, "--data", test, "--image-root", root, "--batch-size", 4, "--num-beams", 2,
+          "--no-meteor")
+    _eval("--run", both, "--base-only", "--data", test, "--image-root", root, "--no-meteor")
+    _eval("--student", "tiny", "--out", tmp / "runs" / "base", "--data", test, "--image-root", root,
+          "--limit", 5, "--no-meteor")
+
+    for d, n, kind in [(both / "eval" / "test", 12, "trained"), (no_attn / "eval" / "test", 12, "trained"),
+                       (both / "base" / "eval" / "test", 12, "base"), (tmp / "runs" / "base" / "eval" / "test", 5,
+                                                                      "base")]:
+        rows = _rows(d / "predictions.jsonl")
+        assert len(rows) == n
+        assert set(rows[0]) >= {"id", "image", "question", "answer", "prediction", "task", "answer_type"}
+        assert {r["answer_type"] for r in rows} == ({"open", "closed"})
+        m = json.loads((d / "metrics.json").read_text())
+        assert m["model"]["kind"] == kind
+        assert m["vqa"]["closed"]["n"] + m["vqa"]["open"]["n"] == n
+        for v in (m["vqa"]["closed"]["accuracy"], m["vqa"]["open"]["recall"], m["text"]["all"]["BLEU_1"]):
+            assert 0.0 <= v <= 1.0
+        assert "pycocoevalcap" in m["implementations"]["BLEU_1-4"]
+        recomputed = M.vqa_metrics([r["prediction"] for r in rows], [r["answer"] for r in rows],
+                                   [r["answer_type"] for r in rows])
+        assert recomputed == m["vqa"]
+        assert [r["score"] for r in rows] == [M.question_score(r["prediction"], r["answer"], r["answer_type"])
+                                              for r in rows]
+    assert json.loads((tmp / "runs" / "base" / "base.json").read_text())["student"] == "tiny"
+    trained = json.loads((both / "eval" / "test" / "metrics.json").read_text())
+    assert trained["model"]["alignment"]["layer"] == 2 and trained["model"]["adapter"].endswith("adapter")
+    assert trained["generation"]["padding"] == "left"
+    if M.java_version() is not None:
+        assert trained["text"]["all"]["METEOR"] is not None and "METEOR" in trained["implementations"]
+    assert json.loads((no_attn / "eval" / "test" / "metrics.json").read_text())["generation"]["num_beams"] == 2
+    base = json.loads((both / "base" / "eval" / "test" / "metrics.json").read_text())
+    assert base["model"]["adapter"] is None and base["model"]["alignment"] is None
+
+    table_md, table_csv = tmp / "table.md", tmp / "table.csv"
+    runs_dir = sorted((tmp / "runs").iterdir())
+    r = CliRunner().invoke(distill_cli, ["compare", *map(str, runs_dir), "--data-stem", "test",
+                                         "--out", str(table_md), "--csv", str(table_csv)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:2] == ["run", "model"]
+    assert "alpha" in header and "beta" in header          # differ between the runs
+    assert "layer" not in header and "lora_r" not in header and "out" not in header  # same for all / bookkeeping
+    assert {"closed_acc", "closed_acc_llava_med", "open_recall", "BLEU_4", "loss"} <= set(header)
+    body = lines[2:]
+    assert len(body) == 5                                   # 3 runs + the run's base + the standalone base
+    by_run = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in body)}
+    assert by_run[str(runs["runs"]["lora"])][1] == "trained (not evaluated)"
+    assert by_run[str(runs["runs"]["lora"])][header.index("loss")] != "—"     # final training loss shown
+    assert by_run[str(both)][header.index("alpha")] == "1" and by_run[str(both)][header.index("beta")] == "0.05"
+    assert by_run[f"{both} (base)"][1] == "base"
+    assert table_md.read_text() == r.output
+    rows = list(csv.reader(io.StringIO(table_csv.read_text())))
+    assert rows[0] == header and len(rows) == 6
+
+
+@torch.no_grad()
+def test_generation_equals_full_forward_argmax(runs):
+    """Batched, left-padded generation with the KV cache and the alignment transform gives,
+    token by token, the argmax of a full forward of each prompt alone (no padding, no cache,
+    the transform applied to the visual tokens)."""
+    em = load_for_eval(runs["runs"]["both"])
+    assert em.tap is not None and em.kind == "trained"
+    s = em.student
+    records = load_records(runs["test"], runs["root"])
+    records = [records[0], records[2], records[4]]          # three different prompt lengths
+    ds = prompt_dataset(em, records, runs["root"])
+    items = [ds[i] for i in range(len(records))]
+    pad = s.processor.tokenizer.pad_token_id
+    batch = left_pad_collate(pad, s.image_token_id, s.num_visual_tokens)(items)
+    lengths = [it["query_rows"][1] for it in items]
+    assert len(set(lengths)) == 3 and bool((batch["attention_mask"][:, 0] == 0).any())  # really padded
+    steps = 4
+    new = generate_batch(em, batch, max_new_tokens=steps)
+    eos = s.processor.tokenizer.eos_token_id
+    for b, it in enumerate(items):
+        ids = torch.tensor(it["input_ids"][:lengths[b]])[None]
+        lo, hi = it["query_rows"]
+        visual = (ids[0] == s.image_token_id).nonzero()[:, 0][None]
+        for t in range(steps):
+            query = torch.zeros_like(ids, dtype=torch.bool)
+            query[0, lo:hi] = True
+            em.tap.set_batch(visual, query)
+            logits = s.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values=it["pixel_values"][None]).logits[0, -1]
+            token = int(logits.argmax())
+            assert int(new[b, t]) == token, (b, t)
+            if token == eos:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+        # the transform matters: without it the first-token logits change
+        if b == 0:
+            prompt = ids[:, :lengths[0]]
+            em.tap.set_batch(visual, torch.zeros_like(prompt, dtype=torch.bool))
+            aligned = s.model(input_ids=prompt, pixel_values=it["pixel_values"][None]).logits[0, -1]
+            em.tap.remove()
+            plain = s.model(input_ids=prompt, pixel_values=it["pixel_values"][None]).logits[0, -1]
+            assert not torch.allclose(plain, aligned, atol=1e-4)
+    assert all(isinstance(t, str) for t in decode(em, new))
+
+
+def test_eval_refuses_what_it_cannot_do(runs, tmp_path):
+    root, test = runs["root"], runs["test"]
+    r = CliRunner().invoke(distill_cli, ["eval", "--data", str(test), "--image-root", str(root)])
+    assert r.exit_code != 0 and "--run" in r.output
+    r = CliRunner().invoke(distill_cli, ["eval", "--run", str(tmp_path), "--data", str(test), "--image-root",
+                                         str(root), "--workers", "0", "--quiet"])
+    assert r.exit_code == 1 and "config.json" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(distill_cli, ["compare", str(tmp_path)])
+    assert r.exit_code == 1 and "no run directories" in r.output
