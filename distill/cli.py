@@ -226,3 +226,7 @@ def pictures(run_dir, keys, **kw):
         raise click.ClickException(str(msg)) from e
     for name, path in result.files.items():
         click.echo(f"{name}: {path}")
+
+
+if __name__ == "__main__":  # `python -m distill.cli` / `torchrun -m distill.cli`
+    main()
