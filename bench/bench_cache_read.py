@@ -148,8 +148,8 @@ def main():
                        ("native_packed", "ours: native_packed"), ("targets", f"ours: targets(grid={STUDENT_GRID})")):
         row(label + ", samples/s", lambda r, k=key: f"{r[k]:>10,.0f}  ({r[k] / r['memmap']:.3f}x)")
     row("bytes/sample on disk", lambda r: f"{r['bytes']:>10,.0f}  ({REFERENCE_BYTES / r['bytes']:.1f}x smaller)")
-    row(f"max |S_t - reference| (fp16 stored)", lambda r: f"{r['err_sim']:.2e}")
-    row(f"max |a_t - reference|", lambda r: f"{r['err_att']:.2e}")
+    row("max |S_t - reference| (fp16 stored)", lambda r: f"{r['err_sim']:.2e}")
+    row("max |a_t - reference|", lambda r: f"{r['err_att']:.2e}")
     print(f"(reference: 576x576 float32 = {REFERENCE_BYTES:,} B per image; errors vs reference_targets in fp32; "
           f"ratios vs memmap)")
 
