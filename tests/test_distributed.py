@@ -86,6 +86,30 @@ def test_parts_as_job_array_equal_single_process(dataset, reference, one_thread)
         assert np.array_equal(result[name], reference[name]), name
 
 
+def test_a_stopped_part_resumes_on_its_own(dataset, reference, one_thread):
+    """Part 1 stops mid-way (a broken image in its second shard); part 0 is unaffected;
+    rerunning part 1 after the fix completes it, and the cache equals a single build."""
+    tmp, data = dataset
+    cache = tmp / "resume-part"
+    keys = [json.loads(data.read_text())[i]["image"] for i in range(22)]
+    victim = tmp / "images" / sorted(keys)[3 * 4 + 1]       # row 13: shard 3, owned by part 1
+    good = victim.read_bytes()
+    victim.write_bytes(b"broken")
+    try:
+        r = cli_in_process(build_args(tmp, data, cache, "--part", "1/2"))
+        assert r.exit_code == 1 and victim.name in r.output
+        status = arrays(cache)["status"]
+        assert (status[4:8] == 1).all() and (status[12:16] == 0).all()   # shard 1 kept, shard 3 pending
+    finally:
+        victim.write_bytes(good)
+    assert cli_in_process(build_args(tmp, data, cache, "--part", "0/2")).exit_code == 0
+    r = cli_in_process(build_args(tmp, data, cache, "--part", "1/2"))
+    assert r.exit_code == 0 and "6 computed" in r.output, r.output  # shards 3 and 5: 4 + 2 rows
+    result = arrays(cache)
+    for name in reference:
+        assert np.array_equal(result[name], reference[name]), name
+
+
 def test_torchrun_build_equals_single_process(dataset, reference):
     tmp, data = dataset
     cache = tmp / "torchrun"
