@@ -16,4 +16,13 @@ DATA=(--data examples/demo/train.json --image-root examples/demo/images)
 rm -rf "$OUT/runs/demo"
 "$BIN/medalign-distill" run --cache "$OUT/cache" --teacher unimed --student tiny "${DATA[@]}" \
     --out "$OUT/runs/demo" --layer 2 --max-steps 30 --batch-size 4 --grad-accum 1 --lr 1e-3 --save-every 10
-echo "run directory: $OUT/runs/demo (config.json, metrics.jsonl, loss_curves.png, adapter/, alignment/)"
+
+# Evaluate the trained run and its untouched base model on held-out images, compare, look.
+TEST=(--data examples/demo/test.json --image-root examples/demo/images)
+"$BIN/medalign-distill" eval --run "$OUT/runs/demo" "${TEST[@]}" --quiet
+"$BIN/medalign-distill" eval --run "$OUT/runs/demo" --base-only "${TEST[@]}" --quiet
+"$BIN/medalign-distill" compare "$OUT/runs/demo"
+"$BIN/medalign-distill" pictures --run "$OUT/runs/demo" "${DATA[@]}" --n 3 --out "$OUT/runs/demo/pictures"
+"$BIN/medalign-cache" show --cache "$OUT/cache" --teacher unimed --image-root examples/demo/images \
+    --key ct_thorax_axial.png --key mni_axial_z10.png --out "$OUT/show.png"
+echo "run directory: $OUT/runs/demo (config.json, metrics.jsonl, loss_curves.png, adapter/, alignment/, eval/, pictures/)"
