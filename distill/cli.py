@@ -57,6 +57,8 @@ def _opt(*names, **kw):
 @_opt("--attn-loss", type=click.Choice(["kl", "softmax-kl"]), help="Attention loss form [kl, the reference].")
 @_opt("--attn-temperature", type=float, help="Temperature of softmax-kl [1.0].")
 @_opt("--pad-to-square/--no-pad-to-square", help="Pad images to square [follow the cache's teacher].")
+@_opt("--chat-template", type=click.Choice(["mistral_instruct", "llava_v1"]),
+      help="Prompt style for students whose checkpoint has no chat template [the checkpoint's own].")
 @_opt("--lora-r", type=int, help="LoRA rank [32].")
 @_opt("--lora-alpha", type=int, help="LoRA alpha [16].")
 @_opt("--lora-dropout", type=float, help="LoRA dropout [0.05].")

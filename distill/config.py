@@ -34,6 +34,7 @@ class RunConfig:
     attn_loss: str = "kl"            # "kl" (reference) | "softmax-kl"
     attn_temperature: float = 1.0
     pad_to_square: bool | None = None  # None: follow the cache's teacher preprocessing
+    chat_template: str | None = None   # None: the student's own; or "mistral_instruct" / "llava_v1"
     # LoRA
     lora_r: int = 32
     lora_alpha: int = 16

@@ -128,7 +128,8 @@ def load_for_eval(run=None, *, student: str | None = None, base_only: bool = Fal
         pad = bool(pad_to_square)
         info.update(student=student)
     info["student_path"] = str(base_dir)
-    loaded = load_student(str(base_dir), dtype=dtype, device=str(dev))
+    loaded = load_student(str(base_dir), dtype=dtype, device=str(dev),
+                          chat_template=config.get("chat_template") if run is not None else None)
     tap = None
     if base_only:
         kind = "base"

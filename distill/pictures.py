@@ -385,7 +385,8 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
     student_path = Path(config.student) if config.student != "tiny" else run / "tiny-student"
     if config.student == "tiny" and not (student_path / "config.json").is_file():
         make_tiny_student(student_path, seed=config.seed)
-    student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32, device=str(dev))
+    student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32, device=str(dev),
+                           chat_template=config.chat_template)
     if student.num_layers <= config.layer:
         raise PicturesError(f"layer {config.layer} of the run does not exist in {student_path}")
     pad = config.pad_to_square

@@ -80,6 +80,24 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+# LLaVA-Med's conversation styles, for converted checkpoints that ship no chat template
+# (`--chat-template NAME`); a checkpoint's own template is used otherwise.
+LLAVA_V1_TEMPLATE = (
+    "{{ bos_token }}A chat between a curious human and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the human's questions. "
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set ns = namespace(text='') %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{% set ns.text = ns.text + '<image>\n' %}"
+    "{% elif part['type'] == 'text' %}{% set ns.text = ns.text + part['text'] %}{% endif %}"
+    "{% endfor %}{% set text = ns.text %}{% endif %}"
+    "{% if message['role'] == 'user' %}USER: {{ text }} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ text }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+CHAT_TEMPLATES = {"mistral_instruct": TINY_CHAT_TEMPLATE, "llava_v1": LLAVA_V1_TEMPLATE}
+
+
 def _tiny_tokenizer():
     """Byte-level tokenizer built locally: 4 specials + the 256 byte symbols, no merges.
 
@@ -147,8 +165,10 @@ def make_tiny_student(out_dir, seed: int = 0) -> Path:
 # ----------------------------------------------------------------------------- loading
 
 def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "sdpa",
-                 device="cpu") -> Student:
-    """A local transformers LLaVA directory -> Student. Anything else -> StudentError with the hint."""
+                 device="cpu", chat_template: str | None = None) -> Student:
+    """A local transformers LLaVA directory -> Student. Anything else -> StudentError with the hint.
+
+    chat_template: a name from CHAT_TEMPLATES to use instead of the checkpoint's own."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     root = Path(path)
@@ -176,9 +196,14 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
     for part in ("tokenizer", "image_processor"):
         if getattr(processor, part, None) is None:
             raise StudentError(f"student {str(path)!r}: the processor has no {part}. {STUDENT_WEIGHTS_HINT}")
+    if chat_template is not None:
+        if chat_template not in CHAT_TEMPLATES:
+            raise StudentError(f"unknown chat template {chat_template!r}; choose one of {sorted(CHAT_TEMPLATES)}")
+        processor.chat_template = CHAT_TEMPLATES[chat_template]
     if getattr(processor.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
         raise StudentError(f"student {str(path)!r} has no chat template (chat_template.jinja or in "
-                           f"tokenizer_config.json); the prompts cannot be built without it")
+                           f"tokenizer_config.json); pass --chat-template "
+                           f"{' or '.join(sorted(CHAT_TEMPLATES))} (LLaVA-Med v1.5 Mistral: mistral_instruct)")
 
     config = model.config
     image_token_id = int(config.image_token_id)

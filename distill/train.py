@@ -349,7 +349,7 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
             make_tiny_student(student_path, seed=config.seed)
         dist.barrier()
     student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32,
-                           device=str(device))
+                           device=str(device), chat_template=config.chat_template)
     for w in preflight(config, records, group, student):
         log.warning(w)
         if dist.main:

@@ -264,3 +264,29 @@ def test_broken_image_mid_run_keeps_progress(data, tmp_path):
     r = CliRunner().invoke(distill_cli, [str(a) for a in args] + ["--resume"])
     assert r.exit_code == 0, r.output
     assert [m["step"] for m in metrics(out)] == list(range(1, 11))
+
+
+@pytest.mark.parametrize("template,closing", [("mistral_instruct", "[/INST]"), ("llava_v1", "ASSISTANT:")])
+def test_named_chat_templates_mask_all_but_the_answer(data, tmp_path, template, closing):
+    """For converted checkpoints without a chat template: LLaVA-Med's two styles."""
+    from distill.student import make_tiny_student
+    student = load_student(str(make_tiny_student(tmp_path / "s")), chat_template=template)
+    record = load_records(data["train"], data["root"])[0]
+    enc = encode(student.processor, record, student.num_visual_tokens, 1024)
+    tok = student.processor.tokenizer
+    learned = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
+    assert tok.decode(learned).strip() == record.answer + tok.eos_token
+    lo, hi = enc.query_rows
+    assert tok.decode(enc.input_ids[lo:hi]).strip() == f"{record.prompt} {closing}"
+
+
+def test_missing_chat_template_names_the_flag(tmp_path):
+    from distill.student import StudentError, make_tiny_student
+    path = make_tiny_student(tmp_path / "s")
+    for f in path.glob("*"):
+        if f.name == "chat_template.jinja" or f.name == "chat_template.json":
+            f.unlink()
+    cfg = path / "tokenizer_config.json"
+    cfg.write_text(json.dumps({k: v for k, v in json.loads(cfg.read_text()).items() if k != "chat_template"}))
+    with pytest.raises(StudentError, match="--chat-template"):
+        load_student(str(path))
