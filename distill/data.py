@@ -18,13 +18,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from precompute.cache import TeacherGroup
-from precompute.datasets import Record, resolve_image
-from precompute.images import expand2square, load_image
+from precompute.cache import CacheError, TeacherGroup
+from precompute.datasets import DatasetError, Record, resolve_image
+from precompute.images import ImageError, expand2square, load_image
 
 
 class SampleError(ValueError):
     """A training sample that cannot be turned into a batch; names the record."""
+
+
+# What a broken sample raises (its message already names the file or record).
+SAMPLE_ERRORS = (ImageError, DatasetError, CacheError, SampleError)
+
+
+def split_errors(items: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(good items, error items) of a list of DistillDataset items."""
+    return [it for it in items if "error" not in it], [it for it in items if "error" in it]
 
 
 def conversation(turns, upto: int | None = None, include_last_answer: bool = True):
@@ -109,6 +118,15 @@ class DistillDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
+        # A broken sample comes back as data, not as an exception: raised in a DataLoader
+        # worker, it would reach the user wrapped in the worker's traceback text.
+        try:
+            return self._item(i)
+        except SAMPLE_ERRORS as e:
+            record = self.records[i]
+            return {"index": i, "id": record.id, "key": record.images[0], "error": str(e)}
+
+    def _item(self, i):
         record = self.records[i]
         key = record.images[0]
         image = load_image(resolve_image(self.image_root, key))
@@ -130,6 +148,9 @@ def make_collate(pad_id: int, image_token_id: int, num_visual_tokens: int):
     rows of the prompt unaffected by pads)."""
 
     def collate(items):
+        items, errors = split_errors(items)
+        if errors:  # training never runs on a partial batch: the caller stops with these
+            return {"errors": errors}
         T = max(len(it["input_ids"]) for it in items)
         B = len(items)
         input_ids = torch.full((B, T), pad_id, dtype=torch.long)

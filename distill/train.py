@@ -36,7 +36,7 @@ from precompute.datasets import load_records
 from precompute.targets import bilinear_matrix, resize_attention, resize_similarity, unpack_upper
 
 from .config import RunConfig
-from .data import DistillDataset, make_collate
+from .data import DistillDataset, SampleError, make_collate
 from .losses import attention_distill_loss, visual_alignment_loss
 from .student import (AlignmentTransform, DistillTap, apply_lora, load_alignment, load_student,
                       make_tiny_student, save_alignment)
@@ -450,6 +450,9 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
             batches = [next(stream) for _ in range(config.grad_accum)]
             micro += config.grad_accum
             mine = [b for b in batches if b is not None]
+            broken = [e for b in mine for e in b.get("errors", ())]
+            if broken:
+                raise SampleError("; ".join(f"sample {e['id']!r} ({e['key']}): {e['error']}" for e in broken))
             local = [sum(float((b["labels"][:, 1:] != -100).sum()) for b in mine),
                      sum(b["input_ids"].shape[0] for b in mine),
                      sum(float(b["attention_mask"].sum()) for b in mine)]
