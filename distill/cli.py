@@ -6,12 +6,13 @@ which is validated, saved in the run directory, and handed to `train`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from precompute.cache import CacheError
-from precompute.datasets import DatasetError
+from precompute.datasets import LANGUAGES, DatasetError
 from precompute.images import ImageError
 
 from .config import RunConfig, load_config_file
@@ -31,6 +32,23 @@ def main():
     The teacher is never loaded: its targets stream from the cache built by
     `medalign-cache build`.
     """
+
+
+@contextmanager
+def _quiet_libraries(quiet: bool):
+    """--quiet also silences transformers' own progress bars ("Loading weights"),
+    restored afterwards (a process may run several commands: tests, notebooks)."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _opt(*names, **kw):
@@ -101,7 +119,8 @@ def run(config_file, quiet, **flags):
         if required:
             raise click.UsageError("missing " + ", ".join("--" + k.replace("_", "-") for k in required))
         config = RunConfig.from_dict(settings)
-        out = train(config, progress=not quiet).out
+        with _quiet_libraries(quiet):
+            out = train(config, progress=not quiet).out
     except (RunError, *USER_ERRORS) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise click.ClickException(str(msg)) from e
@@ -119,7 +138,14 @@ def run(config_file, quiet, **flags):
 @click.option("--data", required=True, type=click.Path(exists=True, path_type=Path), help="Evaluation dataset file.")
 @click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--format", "fmt", default="auto", show_default=True, help="Dataset format.")
-@click.option("--split", default=None, help="Split for files holding several (R2Gen: test).")
+@click.option("--split", default=None,
+              help="Split to evaluate in files holding several (R2Gen keys, 'split' fields, VQA-RAD's "
+                   "phrase_type) [test; a file without splits is read whole].")
+@click.option("--lang", type=click.Choice(LANGUAGES), default="en", show_default=True,
+              help="SLAKE question language (q_lang); all: both.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="A broken image: fail stops naming it (predictions so far are kept); skip lists it in "
+                   "skipped.jsonl and scores the rest.")
 @click.option("--name", default=None, help="Results folder name [the data file's stem, -SPLIT appended].")
 @click.option("--num-beams", default=1, show_default=True, help="1: greedy; more: beam search.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="VQA answers are short; reports need ~256.")
@@ -151,12 +177,17 @@ def eval_(run_dir, student, out, base_only, data, image_root, quiet, **kw):
     if run_dir is None and out is None:
         raise click.UsageError("--student without --run needs --out DIR for its results")
     try:
-        dest = evaluate(data, image_root, run=run_dir, student=student, out=out, base_only=base_only,
-                        progress=not quiet, **kw)
+        with _quiet_libraries(quiet):
+            dest = evaluate(data, image_root, run=run_dir, student=student, out=out, base_only=base_only,
+                            progress=not quiet, **kw)
     except (EvalError, StudentError, *USER_ERRORS) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise click.ClickException(str(msg)) from e
     m = json.loads((dest / "metrics.json").read_text())
+    skipped = m["data"].get("skipped")
+    if skipped:
+        click.echo(f"skipped {skipped} of {m['data']['samples']} samples (broken or missing images), scored "
+                   f"the other {m['n']}: see {dest / 'skipped.jsonl'}")
     vqa = m.get("vqa")
     if vqa:
         fmt = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
@@ -204,6 +235,8 @@ def compare(runs, data_stem, out, csv_path):
 @click.option("--n", default=4, show_default=True, help="Images in the attention figure when --keys is not given.")
 @click.option("--format", "fmt", default="auto", show_default=True, help="Dataset format.")
 @click.option("--split", default=None, help="Split for files holding several (R2Gen).")
+@click.option("--lang", type=click.Choice(LANGUAGES), default="en", show_default=True,
+              help="SLAKE question language (q_lang); all: both.")
 @click.option("--label-by", type=click.Choice(["auto", "answer", "folder"]), default="auto", show_default=True,
               help="t-SNE colour: the closed question's answer, or the image's folder.")
 @click.option("--label-field", default=None, help="Colour the t-SNE by this field of the dataset's rows instead.")

@@ -9,7 +9,9 @@ base model's in RUN/base/eval/<stem>/) or a base-model directory written by
 Columns: the run, the model (trained / base), the data (when several), the config
 fields whose values differ between the runs (teacher, layer, alpha, beta, lora_r,
 ...; bookkeeping fields such as out or log_every never), the final training losses
-from metrics.jsonl, and the headline metrics of each evaluation (distill.evaluate.headline).
+from metrics.jsonl, the headline metrics of each evaluation (distill.evaluate.headline),
+and, when any evaluation skipped broken samples (`eval --on-error skip`), how many:
+scores over different sample sets are not comparable, so the table says so.
 Scores are shown x100 (accuracy and recall in %, BLEU etc. as papers print them).
 """
 
@@ -42,6 +44,7 @@ class Row:
     data: str | None = None                  # eval stem, None when not evaluated
     metrics: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)
+    skipped: int | None = None               # samples the evaluation skipped
 
 
 @dataclass
@@ -91,6 +94,10 @@ def final_losses(run: Path) -> dict:
     return {"steps": last.get("step"), **{k: last.get(k) for k in ("loss", "ntp", "vis", "att")}}
 
 
+def _skipped(metrics: dict) -> int | None:
+    return metrics.get("data", {}).get("skipped")
+
+
 def _evals(root: Path, data_stem: str | None) -> list[tuple[str, dict]]:
     found = []
     for m in sorted((root / "eval").glob("*/metrics.json")):
@@ -108,14 +115,14 @@ def collect(paths, data_stem: str | None = None) -> list[Row]:
             losses = final_losses(p)
             evals = _evals(p, data_stem)
             for stem, m in evals:
-                rows.append(Row(str(p), "trained", config, stem, headline(m), losses))
+                rows.append(Row(str(p), "trained", config, stem, headline(m), losses, _skipped(m)))
             if not evals:
                 rows.append(Row(str(p), "trained", config, None, {}, losses))
             for stem, m in _evals(p / "base", data_stem):
-                rows.append(Row(f"{p} (base)", "base", None, stem, headline(m), {}))
+                rows.append(Row(f"{p} (base)", "base", None, stem, headline(m), {}, _skipped(m)))
         elif (p / "base.json").is_file():
             for stem, m in _evals(p, data_stem):
-                rows.append(Row(str(p), "base", None, stem, headline(m), {}))
+                rows.append(Row(str(p), "base", None, stem, headline(m), {}, _skipped(m)))
         # anything else (a stray file, a folder of pictures) is not a row
     if not rows:
         raise CompareError("no run directories (config.json) or base evaluations (base.json) among "
@@ -141,7 +148,9 @@ def compare(paths, data_stem: str | None = None) -> Table:
     show_data = len({r.data for r in rows if r.data is not None}) > 1
     losses = [c for c in LOSS_COLUMNS if any(r.losses.get(c) is not None for r in rows)]
     metric_cols = [c for c in METRIC_COLUMNS if any(r.metrics.get(c) is not None for r in rows)]
-    columns = ["run", "model"] + (["data"] if show_data else []) + fields + losses + metric_cols
+    show_skipped = any(r.skipped for r in rows)
+    columns = ["run", "model"] + (["data"] if show_data else []) + fields + losses + metric_cols + \
+        (["skipped"] if show_skipped else [])
     out = []
     for r in rows:
         model = r.model if r.data is not None or r.model == "base" else "trained (not evaluated)"
@@ -149,5 +158,6 @@ def compare(paths, data_stem: str | None = None) -> Table:
         values += [r.config.get(k) if r.config is not None else None for k in fields]
         values += [r.losses.get(c) for c in losses]
         values += [r.metrics.get(c) for c in metric_cols]
+        values += [r.skipped] if show_skipped else []
         out.append(values)
     return Table(columns, out)

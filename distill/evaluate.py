@@ -17,12 +17,24 @@ the run's cache teacher did). Batches are LEFT-padded for generation; generate()
 derives position ids from the attention mask, so a padded sample generates what it
 would alone. Greedy (num_beams 1) or beam search, always with the KV cache.
 
+Files holding several splits are read at their `test` split unless --split says
+otherwise (R2Gen's "test" key; records whose split field, or VQA-RAD's phrase_type,
+says test); metrics.json records the split used.
+
+Broken samples: every image is checked to exist before the model loads. An image
+that cannot be decoded comes back from the DataLoader as an error item (never as a
+worker traceback); `on_error="fail"` stops at the first one with one line naming it,
+`"skip"` lists it in skipped.jsonl and scores the rest. Predictions are written
+batch by batch, so whatever stops a run, what was generated is kept.
+
 Output, per dataset (the data file's stem, plus "-SPLIT" when --split is given):
 
     RUN/eval/<stem>/predictions.jsonl   {id, image, question, answer (reference), prediction,
-                                         task, answer_type[, score]}
+                                         task, answer_type[, score]}, written as generated
     RUN/eval/<stem>/metrics.json        VQA and report metrics (distill.metrics), which
-                                         implementation computed each, the model, settings
+                                         implementation computed each, the model, settings,
+                                         the split used, how many samples were skipped
+    RUN/eval/<stem>/skipped.jsonl       {id, image, error} per skipped sample (skip only)
     base: RUN/base/eval/<stem>/... for --base-only of a run; DIR/eval/<stem>/... with
           DIR/base.json for a base student without a run (compare shows both as rows)
 """
@@ -41,10 +53,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from precompute.datasets import load_records
+from precompute.datasets import Record, load_records, resolve_image
 
 from . import metrics as M
-from .data import DistillDataset, SampleError
+from .data import DistillDataset, split_errors
 from .student import DistillTap, Student, StudentError, load_alignment, load_student, make_tiny_student
 
 log = logging.getLogger("medalign.eval")
@@ -52,6 +64,11 @@ log = logging.getLogger("medalign.eval")
 
 class EvalError(ValueError):
     """An evaluation that cannot run as asked; the message says what to do."""
+
+
+ON_ERROR = ("fail", "skip")
+EVAL_SPLIT = "test"       # what an evaluation reads from a file holding several splits
+SHOW_MISSING = 5          # missing images named in the error
 
 
 @dataclass
@@ -159,30 +176,48 @@ def load_for_eval(run=None, *, student: str | None = None, base_only: bool = Fal
 # ----------------------------------------------------------------------------- prompts
 
 def left_pad_collate(pad_id: int, image_token_id: int, num_visual_tokens: int):
-    """DistillDataset items -> LEFT-padded generation prompts (the answer cut off)."""
+    """DistillDataset items -> LEFT-padded generation prompts (the answer cut off).
+
+    Never raises for a sample (it may run in a DataLoader worker, whose exceptions
+    reach the user wrapped in traceback text): broken items, and prompts without
+    exactly `num_visual_tokens` image tokens, go to batch["errors"] as
+    {"index", "error"}; the prompt tensors are there only when a sample is left."""
 
     def collate(items):
-        prompts = [it["input_ids"][:it["query_rows"][1]] for it in items]
-        B, T = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        query_mask = torch.zeros((B, T), dtype=torch.bool)
-        for b, (p, it) in enumerate(zip(prompts, items)):
-            off = T - len(p)
-            input_ids[b, off:] = torch.tensor(p)
-            attention_mask[b, off:] = 1
-            lo, hi = it["query_rows"]
-            query_mask[b, off + lo:off + hi] = True
-        visual = (input_ids == image_token_id) & attention_mask.bool()
-        counts = visual.sum(1)
-        if not bool((counts == num_visual_tokens).all()):
-            raise SampleError(f"expected {num_visual_tokens} image tokens per prompt, found {counts.tolist()}")
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-                "visual_index": visual.nonzero()[:, 1].view(B, num_visual_tokens), "query_mask": query_mask,
-                "index": torch.tensor([it["index"] for it in items])}
+        items, errors = split_errors(items)
+        good = []
+        for it in items:
+            found = it["input_ids"][:it["query_rows"][1]].count(image_token_id)
+            if found == num_visual_tokens:
+                good.append(it)
+            else:
+                errors.append({"index": it["index"], "error": f"expected {num_visual_tokens} image tokens in "
+                                                              f"its prompt, found {found}"})
+        if not good:
+            return {"errors": errors}
+        return {**_left_pad(good, pad_id, image_token_id, num_visual_tokens), "errors": errors}
 
     return collate
+
+
+def _left_pad(items, pad_id: int, image_token_id: int, num_visual_tokens: int) -> dict:
+    """Same-length prompts for generate(): pads on the left, the image tokens' positions found."""
+    prompts = [it["input_ids"][:it["query_rows"][1]] for it in items]
+    B, T = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    query_mask = torch.zeros((B, T), dtype=torch.bool)
+    for b, (p, it) in enumerate(zip(prompts, items)):
+        off = T - len(p)
+        input_ids[b, off:] = torch.tensor(p)
+        attention_mask[b, off:] = 1
+        lo, hi = it["query_rows"]
+        query_mask[b, off + lo:off + hi] = True
+    visual = (input_ids == image_token_id) & attention_mask.bool()
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            "visual_index": visual.nonzero()[:, 1].view(B, num_visual_tokens), "query_mask": query_mask,
+            "index": torch.tensor([it["index"] for it in items])}
 
 
 def prompt_dataset(em: EvalModel, records, image_root) -> DistillDataset:
@@ -251,20 +286,11 @@ def score_predictions(rows: list[dict], meteor: bool = True) -> dict:
     return result
 
 
-def evaluate(data, image_root, *, run=None, student: str | None = None, out=None, base_only: bool = False,
-             fmt: str = "auto", split: str | None = None, num_beams: int = 1, max_new_tokens: int = 64,
-             batch_size: int = 8, limit: int | None = None, device: str = "auto", precision: str = "auto",
-             pad_to_square: bool | None = None, num_workers: int = 0, meteor: bool = True,
-             name: str | None = None, progress: bool = True, model: EvalModel | None = None) -> Path:
-    """Generate for every record of `data` and write predictions.jsonl + metrics.json.
-    Returns the output directory. `model` reuses an already loaded EvalModel."""
-    if num_beams < 1 or max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
-        raise EvalError("num_beams, max_new_tokens, batch_size and limit must be >= 1")
-    if run is not None and out is not None and not base_only:
-        raise EvalError("--out is for base models; a run's evaluation goes to RUN/eval/")
-    stem = name or data_stem(data, split)
-    dest = output_dir(run=run, base_only=base_only, out=out, stem=stem)
-    records = load_records(data, image_root, fmt=fmt, split=split)
+def select_records(data, image_root, *, fmt: str = "auto", split: str | None = None, lang: str = "en",
+                   limit: int | None = None) -> list[Record]:
+    """The records an evaluation generates for: those with a question, the test
+    split where the file holds several (EVAL_SPLIT), the first `limit`."""
+    records = load_records(data, image_root, fmt=fmt, split=split, default_split=EVAL_SPLIT, lang=lang)
     records = [r for r in records if r.turns]
     if not records:
         raise EvalError(f"{data}: no records with a question (images alone cannot be evaluated)")
@@ -273,52 +299,151 @@ def evaluate(data, image_root, *, run=None, student: str | None = None, out=None
     multi = sum(len(r.turns) > 1 for r in records)
     if multi:
         log.warning("%d records have several turns; the first question of each is evaluated", multi)
+    return records
+
+
+def split_used(records: list[Record], asked: str | None) -> str | None:
+    """The split the evaluated records come from (None for a file without splits)."""
+    splits = {r.split for r in records}
+    return asked if asked is not None else (splits.pop() if len(splits) == 1 else None)
+
+
+def check_images(records: list[Record], image_root, data, on_error: str) -> tuple[list[Record], list[dict]]:
+    """(records whose image exists, skipped rows), before any model is loaded: with
+    `fail`, one missing image is an error listing the first few."""
+    missing = {}
+    for r in records:  # the student sees a record's first image only
+        path = resolve_image(image_root, r.images[0])
+        if not path.is_file():
+            missing.setdefault(r.images[0], path)
+    if not missing:
+        return records, []
+    if on_error == "fail":
+        shown = ", ".join(str(p) for p in list(missing.values())[:SHOW_MISSING])
+        more = f" and {len(missing) - SHOW_MISSING} more" if len(missing) > SHOW_MISSING else ""
+        raise EvalError(f"{data}: {len(missing)} image{'s' if len(missing) > 1 else ''} not found: {shown}{more}; "
+                        f"check --image-root, or pass --on-error skip to evaluate the rest")
+    log.warning("%d images of %s not found: their %d questions are skipped", len(missing), data,
+                sum(r.images[0] in missing for r in records))
+    skipped = [_skipped_row(r, f"{missing[r.images[0]]}: no such file") for r in records if r.images[0] in missing]
+    return [r for r in records if r.images[0] not in missing], skipped
+
+
+def _skipped_row(record: Record, error: str) -> dict:
+    return {"id": record.id, "image": record.images[0], "error": error}
+
+
+def _prediction_row(record: Record, prediction: str) -> dict:
+    row = {"id": record.id, "image": record.images[0], "question": record.prompt, "answer": record.answer,
+           "prediction": prediction, "task": record.task, "answer_type": record.answer_type}
+    if record.answer and record.answer_type in ("closed", "open"):
+        row["score"] = M.question_score(prediction, record.answer, record.answer_type)
+    return row
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@dataclass
+class Generated:
+    rows: list[dict]            # predictions.jsonl, in record order
+    skipped: list[dict]         # skipped.jsonl rows (broken samples, with skip)
+    seconds: float
+    new_tokens: int
+
+
+def generate_all(em: EvalModel, records: list[Record], image_root, dest: Path, *, on_error: str,
+                 num_beams: int, max_new_tokens: int, batch_size: int, num_workers: int,
+                 progress: bool, desc: str) -> Generated:
+    """Generate for every record, appending each batch's rows to dest/predictions.jsonl
+    as it finishes (flushed: a crash or Ctrl-C keeps what was generated)."""
+    s = em.student
+    tok = s.processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    loader = DataLoader(prompt_dataset(em, records, image_root), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers,
+                        collate_fn=left_pad_collate(pad_id, s.image_token_id, s.num_visual_tokens))
+    out = Generated([], [], 0.0, 0)
+    path = dest / "predictions.jsonl"
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(records), desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
+    try:
+        with path.open("w") as f:
+            for batch in loader:
+                for e in batch["errors"]:
+                    record = records[e["index"]]
+                    if on_error == "fail":
+                        kept = (f"the {len(out.rows)} predictions made before it are in {path}" if out.rows
+                                else "nothing was generated before it")
+                        raise EvalError(f"sample {record.id!r}: {e['error']}; {kept}; fix or remove the image, "
+                                        f"or pass --on-error skip")
+                    out.skipped.append(_skipped_row(record, e["error"]))
+                if "input_ids" in batch:
+                    new = generate_batch(em, batch, num_beams=num_beams, max_new_tokens=max_new_tokens)
+                    out.new_tokens += int((new != pad_id).sum())
+                    for i, text in zip(batch["index"].tolist(), decode(em, new)):
+                        out.rows.append(_prediction_row(records[i], text))
+                        f.write(json.dumps(out.rows[-1], ensure_ascii=False) + "\n")
+                    f.flush()
+                bar.update(len(batch["errors"]) + (len(batch["index"]) if "index" in batch else 0))
+    finally:
+        bar.close()
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def evaluate(data, image_root, *, run=None, student: str | None = None, out=None, base_only: bool = False,
+             fmt: str = "auto", split: str | None = None, lang: str = "en", num_beams: int = 1,
+             max_new_tokens: int = 64, batch_size: int = 8, limit: int | None = None, device: str = "auto",
+             precision: str = "auto", pad_to_square: bool | None = None, num_workers: int = 0,
+             meteor: bool = True, on_error: str = "fail", name: str | None = None, progress: bool = True,
+             model: EvalModel | None = None) -> Path:
+    """Generate for every record of `data` and write predictions.jsonl + metrics.json
+    (+ skipped.jsonl). Returns the output directory. `model` reuses a loaded EvalModel."""
+    if num_beams < 1 or max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
+        raise EvalError("num_beams, max_new_tokens, batch_size and limit must be >= 1")
+    if on_error not in ON_ERROR:
+        raise EvalError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if run is not None and out is not None and not base_only:
+        raise EvalError("--out is for base models; a run's evaluation goes to RUN/eval/")
+    stem = name or data_stem(data, split)
+    dest = output_dir(run=run, base_only=base_only, out=out, stem=stem)
+    records = select_records(data, image_root, fmt=fmt, split=split, lang=lang, limit=limit)
+    evaluated, missing = check_images(records, image_root, data, on_error)
+    if not evaluated:
+        raise EvalError(f"{data}: none of its {len(records)} images was found under {image_root}; "
+                        f"check --image-root")
     home = Path(out) if out is not None else None
     em = model or load_for_eval(run, student=student, base_only=base_only, home=home, device=device,
                                 precision=precision, pad_to_square=pad_to_square)
 
-    s = em.student
-    dataset = prompt_dataset(em, records, image_root)
-    tok = s.processor.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=left_pad_collate(pad_id, s.image_token_id, s.num_visual_tokens))
-    predictions: list[str] = [""] * len(records)
-    t0 = time.perf_counter()
-    new_tokens = 0
-    bar = tqdm(total=len(records), desc=f"eval {stem}", unit="q", disable=not progress, dynamic_ncols=True)
-    try:
-        for batch in loader:
-            new = generate_batch(em, batch, num_beams=num_beams, max_new_tokens=max_new_tokens)
-            new_tokens += int((new != pad_id).sum())
-            for i, text in zip(batch["index"].tolist(), decode(em, new)):
-                predictions[i] = text
-            bar.update(len(batch["index"]))
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
-
-    rows = []
-    for r, pred in zip(records, predictions):
-        row = {"id": r.id, "image": r.images[0], "question": r.prompt, "answer": r.answer, "prediction": pred,
-               "task": r.task, "answer_type": r.answer_type}
-        if r.answer and r.answer_type in ("closed", "open"):
-            row["score"] = M.question_score(pred, r.answer, r.answer_type)
-        rows.append(row)
     dest.mkdir(parents=True, exist_ok=True)
-    with (dest / "predictions.jsonl").open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    # Results of an earlier evaluation must not sit next to this one's partial predictions.
+    for stale in ("metrics.json", "skipped.jsonl"):
+        (dest / stale).unlink(missing_ok=True)
+    gen = generate_all(em, evaluated, image_root, dest, on_error=on_error, num_beams=num_beams,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, num_workers=num_workers,
+                       progress=progress, desc=f"eval {stem}")
+    skipped = missing + gen.skipped
+    if skipped:  # the count goes into metrics.json; the CLI prints it
+        _write_jsonl(dest / "skipped.jsonl", skipped)
+    if not gen.rows:
+        raise EvalError(f"{data}: every sample was skipped, nothing to score; the reasons are in "
+                        f"{dest / 'skipped.jsonl'}")
 
     result = {
         "model": {"kind": em.kind, **em.info},
-        "data": {"path": str(data), "image_root": str(image_root), "format": fmt, "split": split, "stem": stem,
-                 "limit": limit},
+        "data": {"path": str(data), "image_root": str(image_root), "format": fmt,
+                 "split": split_used(records, split), "lang": lang, "stem": stem, "limit": limit,
+                 "on_error": on_error, "samples": len(records), "skipped": len(skipped)},
         "generation": {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                        "do_sample": False, "kv_cache": True, "padding": "left",
                        "precision": "bf16" if em.bf16 else "fp32", "device": str(em.device),
-                       "seconds": seconds, "new_tokens": new_tokens},
-        **score_predictions(rows, meteor=meteor),
+                       "seconds": gen.seconds, "new_tokens": gen.new_tokens},
+        **score_predictions(gen.rows, meteor=meteor),
         "versions": _versions(),
     }
     (dest / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -357,4 +482,5 @@ def headline(metrics: dict) -> dict:
 
 
 __all__ = ["EvalError", "EvalModel", "load_for_eval", "left_pad_collate", "generate_batch", "decode",
-           "evaluate", "score_predictions", "data_stem", "output_dir", "headline", "StudentError"]
+           "evaluate", "select_records", "check_images", "generate_all", "score_predictions", "data_stem",
+           "output_dir", "headline", "StudentError", "ON_ERROR", "EVAL_SPLIT"]

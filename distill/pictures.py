@@ -334,7 +334,7 @@ def tsne_figure(out: Path, panels: list[tuple[str, np.ndarray, float | None]], l
 # ----------------------------------------------------------------------------- the whole thing
 
 def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, n: int = 4,
-                  fmt: str = "auto", split: str | None = None, label_by: str = "auto",
+                  fmt: str = "auto", split: str | None = None, lang: str = "en", label_by: str = "auto",
                   label_field: str | None = None, tsne_n: int = 256, teacher_embedding: str = "similarity",
                   batch_size: int = 8, device: str = "auto", cache=None) -> PicturesResult:
     from distill.train import plot_loss_curves
@@ -353,7 +353,7 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
     adapter_dir, alignment_dir, where = _trained_parts(run)
 
     # ---- which images
-    records = [r for r in load_records(data, image_root, fmt=fmt, split=split) if r.turns]
+    records = [r for r in load_records(data, image_root, fmt=fmt, split=split, lang=lang) if r.turns]
     if not records:
         raise PicturesError(f"{data}: no records with a question/answer (the student needs a prompt)")
     by_image: dict[str, list[Record]] = {}

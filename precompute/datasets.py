@@ -1,6 +1,6 @@
 """Dataset files as users have them -> one list of `Record`s.
 
-    load_records(path, image_root, fmt="auto", split=None) -> [Record]
+    load_records(path, image_root, fmt="auto", split=None, default_split=None, lang="en") -> [Record]
     cache_keys(records)            the sorted unique image keys (rows of the cache)
     resolve_image(image_root, key) key -> file path, refusing keys that leave the root
     missing_images(records, root)  keys whose file is absent (the builder reports them)
@@ -11,14 +11,20 @@ Formats (FORMATS; `fmt="auto"` looks at the content):
     llava        LLaVA / LLaVA-Med instruction JSON: [{"id", "image", "conversations"}]
     llava-jsonl  LLaVA-Med question jsonl: {"question_id", "image", "text"[, "answer"]}
     r2gen        R2Gen annotation.json (IU-Xray, MIMIC-CXR): {"train": [...], "val": ..., "test": ...}
-    vqa-rad      [{"qid", "image_name", "question", "answer", "answer_type"}]
-    slake        [{"qid", "img_name", "question", "answer", "answer_type", "q_lang"}] (English kept)
+    vqa-rad      [{"qid", "image_name", "question", "answer", "answer_type", "phrase_type"}]
+    slake        [{"qid", "img_name", "question", "answer", "answer_type", "q_lang"}] (`lang`: en kept)
     pathvqa      [{"image", "question", "answer"[, "answer_type"]}]
     csv          a table with an image column and optional question/answer/report columns
 
 The record-list formats read JSON, JSONL or CSV alike. A record's images are
 *cache keys*: paths relative to the image root, posix, normalised, so the same
 image named "./a\\b.png" by one file and "a/b.png" by another is one cache row.
+
+Splits: `split` picks one (an R2Gen key, or the records whose `split` field has
+that value; VQA-RAD's public file marks test questions by `phrase_type` instead).
+Without it, `default_split` is used where the file holds splits: evaluation asks
+for "test"; cache builds and training pass None, which reads R2Gen's "train" and
+every record of a record list. Each Record keeps the split it came from.
 """
 
 from __future__ import annotations
@@ -32,13 +38,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .images import has_dicom_magic
+
 
 class DatasetError(ValueError):
     """A dataset file that cannot be read as asked; names the file, the record, the fix."""
 
 
 TASKS = ("instruct", "vqa", "report", "image")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+LANGUAGES = ("en", "zh", "all")   # SLAKE's q_lang values, or both halves
 
 # R2Gen files hold reports, not prompts: every report record gets this one
 # instruction. Training and evaluation must use the same text, so it is fixed here.
@@ -59,6 +68,7 @@ class Record:
     turns: tuple[tuple[str, str], ...]
     task: str
     answer_type: str | None = None   # "closed" | "open" for VQA when known
+    split: str | None = None         # the split the file put it in ("train", "test", ...), if it says
 
     def __post_init__(self):
         # Accept lists (and one key as a str) from hand-built records; store
@@ -165,8 +175,10 @@ class _Source:
     """Where records come from, for keys and for error messages."""
     path: Path | None
     image_root: Path
-    split: str | None
+    split: str | None                  # asked for (--split): the file must have it
     labels: list[str] | None = None    # how to name top-level row i ("record 3", "line 4", "row 5")
+    default_split: str | None = None   # used when no split is asked for and the file holds splits
+    lang: str = "en"
 
     def __post_init__(self):
         self.records: list[Record] = []
@@ -187,25 +199,33 @@ class _Source:
     def fail(self, label: str, rid, message: str) -> DatasetError:
         return DatasetError(f"{self.where(label, rid)}: {message}")
 
-    def rows(self, data, what: str = "a list of records"):
-        """(label, row) for a top-level list, `split` applied where rows carry one."""
+    def rows(self, data, what: str = "a list of records", split_of=None):
+        """(label, row, split) for a top-level list, the split filter applied.
+        `split_of(row)` names a row's split (default: its 'split' field)."""
         if not isinstance(data, list):
             shape = f"an object with keys {sorted(data)[:8]}" if isinstance(data, dict) else type(data).__name__
             raise DatasetError(f"{self.path}: expected {what} at the top level, got {shape}{_object_hint(data)}")
         labels = self.labels or [f"record {i}" for i in range(len(data))]
-        rows = list(zip(labels, data))
-        for label, row in rows:
+        for label, row in zip(labels, data):
             if not isinstance(row, dict):
                 raise DatasetError(f"{self.where(label)}: expected an object with fields, got {type(row).__name__}")
-        if self.split is not None:
-            if not any("split" in row for _, row in rows):
-                raise DatasetError(f"{self.path}: split {self.split!r} asked for, but its records have no "
-                                   f"'split' field; drop --split (only R2Gen files and records with a "
-                                   f"'split' field have splits)")
-            present = sorted({str(row.get("split")) for _, row in rows})
-            rows = [(label, row) for label, row in rows if row.get("split") == self.split]
-            if not rows:
-                raise DatasetError(f"{self.path}: no records with split {self.split!r}; present: {present}")
+        split_of = split_of or _split_field
+        rows = [(label, row, split_of(row)) for label, row in zip(labels, data)]
+        wanted = self.split if self.split is not None else self.default_split
+        if wanted is None:
+            return rows
+        present = sorted({str(s) for _, _, s in rows if s is not None})
+        if not present:
+            if self.split is None:
+                return rows  # a default split: a file without splits is read whole
+            raise DatasetError(f"{self.path}: split {self.split!r} asked for, but its records have no "
+                               f"'split' field; drop --split (only R2Gen files, VQA-RAD's phrase_type and "
+                               f"records with a 'split' field have splits)")
+        rows = [(label, row, s) for label, row, s in rows if s == wanted]
+        if not rows:
+            default = "" if self.split is not None else " (the default here)"
+            raise DatasetError(f"{self.path}: no records with split {wanted!r}{default}; present: {present}; "
+                               f"pick one with --split")
         return rows
 
     def key(self, raw, label, rid) -> str:
@@ -234,6 +254,11 @@ def _text(row: dict, names, source: _Source, label, rid, required: bool = True, 
         wanted = " or ".join(repr(n) for n in names)
         raise source.fail(label, rid, f"missing field {wanted} (fields present: {sorted(row)})")
     return default
+
+
+def _split_field(row: dict) -> str | None:
+    value = row.get("split")
+    return None if value in (None, "") else str(value)
 
 
 def _row_id(row: dict, names, index: int) -> str:
@@ -269,9 +294,19 @@ def _strip_image_token(text: str) -> str:
 
 # ----------------------------------------------------------------------------- formats
 
+def _is_image_file(path: str, name: str) -> bool:
+    """What load_image reads: an IMAGE_SUFFIXES suffix (any case), or the DICOM magic.
+    DICOM exports are often named without a suffix (IM0001) or by UID
+    (1.2.840.113619.2.55.3, whose "suffix" is ".3"), so any other name is
+    checked for the magic."""
+    if name.startswith("."):
+        return False
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES or has_dicom_magic(path)
+
+
 @register_format("folder")
 def _folder(data, source: _Source) -> list[Record]:
-    """Every image file (IMAGE_SUFFIXES, any case) under the directory, sorted;
+    """Every image file (see `_is_image_file`) under the directory, sorted;
     hidden files and folders (.DS_Store, ._x.png) skipped, symlinked folders followed."""
     top = Path(source.path) if source.path is not None else Path(source.image_root)
     root = Path(source.image_root)
@@ -290,7 +325,7 @@ def _folder(data, source: _Source) -> list[Record]:
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+            if _is_image_file(os.path.join(dirpath, name), name):
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
                 keys.append(normalize_key(rel.replace(os.sep, "/")))
     return [Record(id=key, images=(key,), turns=(), task="image") for key in sorted(keys)]
@@ -301,7 +336,7 @@ _HUMAN, _GPT = ("human", "user"), ("gpt", "assistant")
 
 @register_format("llava")
 def _llava(data, source: _Source) -> list[Record]:
-    for index, (label, row) in enumerate(source.rows(data, "a JSON list of LLaVA records")):
+    for index, (label, row, split) in enumerate(source.rows(data, "a JSON list of LLaVA records")):
         rid = _row_id(row, ("id",), index)
         image = row.get("image")
         if image in (None, "", []):
@@ -327,13 +362,13 @@ def _llava(data, source: _Source) -> list[Record]:
         turns = tuple(zip(texts[0::2], texts[1::2]))
         kind = _answer_type(row.get("answer_type"), turns[0][1], source, label, rid, infer=False)
         source.add(label, id=rid, images=tuple(source.key(k, label, rid) for k in images), turns=turns,
-                   task="vqa" if kind else "instruct", answer_type=kind)
+                   task="vqa" if kind else "instruct", answer_type=kind, split=split)
     return source.records
 
 
 @register_format("llava-jsonl")
 def _llava_jsonl(data, source: _Source) -> list[Record]:
-    for index, (label, row) in enumerate(source.rows(data)):
+    for index, (label, row, split) in enumerate(source.rows(data)):
         rid = _row_id(row, ("question_id", "id"), index)
         image = _text(row, ("image",), source, label, rid)
         question = _strip_image_token(_text(row, ("text", "question"), source, label, rid))
@@ -341,7 +376,7 @@ def _llava_jsonl(data, source: _Source) -> list[Record]:
         answer = _text(row, ("answer", "gpt4_answer", "gpt_answer"), source, label, rid, required=False, default="")
         kind = _answer_type(row.get("answer_type"), answer, source, label, rid, infer=False)
         source.add(label, id=rid, images=(source.key(image, label, rid),), turns=((question, answer),),
-                   task="vqa" if kind else "instruct", answer_type=kind)
+                   task="vqa" if kind else "instruct", answer_type=kind, split=split)
     return source.records
 
 
@@ -350,13 +385,16 @@ def _r2gen(data, source: _Source) -> list[Record]:
     if not isinstance(data, dict):
         raise DatasetError(f"{source.path}: an R2Gen annotation file is an object "
                            f'{{"train": [...], "val": [...], "test": [...]}}, got a {type(data).__name__}')
-    split = source.split or "train"
+    split = source.split or source.default_split or "train"
     if split not in data:
-        raise DatasetError(f"{source.path}: no split {split!r}; present: {sorted(data)}; pick one with --split")
+        default = "" if source.split else " (the default here)"
+        raise DatasetError(f"{source.path}: no split {split!r}{default}; present: {sorted(data)}; "
+                           f"pick one with --split")
     rows = data[split]
     labeled = _Source(source.path, source.image_root, None, [f"{split}[{i}]" for i in range(len(rows))]
                       if isinstance(rows, list) else None)
-    for label, row in labeled.rows(rows, f"a list of records under {split!r}"):
+    # The key is the split: a record's own 'split' field (R2Gen repeats it) is not a filter.
+    for label, row, _ in labeled.rows(rows, f"a list of records under {split!r}", split_of=lambda row: None):
         rid = _text(row, ("id",), source, label, None)
         report = _text(row, ("report",), source, label, rid)
         paths = row.get("image_path")
@@ -364,14 +402,21 @@ def _r2gen(data, source: _Source) -> list[Record]:
         if not isinstance(paths, list) or not paths:
             raise source.fail(label, rid, "missing or empty 'image_path' (a list of image paths)")
         source.add(label, id=rid, images=tuple(source.key(p, label, rid) for p in paths),
-                   turns=((REPORT_PROMPT, report),), task="report")
+                   turns=((REPORT_PROMPT, report),), task="report", split=split)
     return source.records
 
 
-def _vqa(data, source: _Source, image_fields, id_fields, english_only=False, default_suffix=None):
-    for index, (label, row) in enumerate(source.rows(data)):
-        if english_only and str(row.get("q_lang", "en")).lower() != "en":
-            continue
+_LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
+
+
+def _vqa(data, source: _Source, image_fields, id_fields, by_language=False, default_suffix=None, split_of=None):
+    languages = set()
+    for index, (label, row, split) in enumerate(source.rows(data, split_of=split_of)):
+        if by_language:
+            language = str(row.get("q_lang", "en")).strip().lower()
+            languages.add(language)
+            if source.lang != "all" and language != source.lang:
+                continue
         rid = _row_id(row, id_fields, index)
         image = _text(row, image_fields, source, label, rid)
         if default_suffix and not posixpath.splitext(image.replace("\\", "/"))[1]:
@@ -380,22 +425,34 @@ def _vqa(data, source: _Source, image_fields, id_fields, english_only=False, def
         answer = _text(row, ("answer",), source, label, rid)
         kind = _answer_type(row.get("answer_type"), answer, source, label, rid, infer=True)
         source.add(label, id=rid, images=(source.key(image, label, rid),), turns=((question, answer),),
-                   task="vqa", answer_type=kind)
-    if not source.records and english_only:
-        raise DatasetError(f"{source.path}: no English questions (q_lang 'en'); SLAKE's Chinese "
-                           f"questions are not used")
+                   task="vqa", answer_type=kind, split=split)
+    if not source.records and by_language and languages:
+        name = _LANGUAGE_NAMES.get(source.lang, source.lang)
+        raise DatasetError(f"{source.path}: no {name} questions (q_lang {source.lang!r}); present: "
+                           f"{sorted(languages)}; choose them with --lang ({', '.join(LANGUAGES)})")
     return source.records
+
+
+def _vqa_rad_split(row: dict) -> str | None:
+    """VQA-RAD's public JSON has no split field: its test questions are the
+    phrase_type "test_freeform" / "test_para" ones, the rest ("freeform", "para")
+    are training questions. A 'split' field, where a file has one, wins."""
+    split = _split_field(row)
+    phrase = row.get("phrase_type")
+    if split is not None or phrase in (None, ""):
+        return split
+    return "test" if str(phrase).strip().lower().startswith("test") else "train"
 
 
 @register_format("vqa-rad")
 def _vqa_rad(data, source):
-    return _vqa(data, source, ("image_name",), ("qid", "id"))
+    return _vqa(data, source, ("image_name",), ("qid", "id"), split_of=_vqa_rad_split)
 
 
 @register_format("slake")
 def _slake(data, source):
-    """SLAKE: English questions only (q_lang "en"); the Chinese half is skipped."""
-    return _vqa(data, source, ("img_name",), ("qid", "id"), english_only=True)
+    """SLAKE: the questions in `source.lang` (q_lang; "en" by default, "all" for both halves)."""
+    return _vqa(data, source, ("img_name",), ("qid", "id"), by_language=True)
 
 
 @register_format("pathvqa")
@@ -429,7 +486,7 @@ def _csv(data, source: _Source) -> list[Record]:
     if not columns["image"]:
         raise DatasetError(f"{source.path}: no image column; name one of {_CSV_COLUMNS['image']} "
                            f"(columns present: {sorted(header.values())})")
-    for index, (label, row) in enumerate(rows):
+    for index, (label, row, split) in enumerate(rows):
         rid = _row_id(row, columns["id"], index)
         image = source.key(_text(row, columns["image"], source, label, rid), label, rid)
         question = _text(row, columns["question"], source, label, rid, required=False)
@@ -445,7 +502,7 @@ def _csv(data, source: _Source) -> list[Record]:
             turns, task = ((_strip_image_token(question), answer),), "vqa"
         else:
             turns, task, kind = (), "image", None
-        source.add(label, id=rid, images=(image,), turns=turns, task=task, answer_type=kind)
+        source.add(label, id=rid, images=(image,), turns=turns, task=task, answer_type=kind, split=split)
     return source.records
 
 
@@ -543,12 +600,19 @@ def detect_format(data, kind: str, path=None) -> str:
     raise DatasetError(f"{path}: expected a list of records or an R2Gen object, got {type(data).__name__}")
 
 
-def load_records(path, image_root, fmt: str = "auto", split: str | None = None) -> list[Record]:
+def load_records(path, image_root, fmt: str = "auto", split: str | None = None, *,
+                 default_split: str | None = None, lang: str = "en") -> list[Record]:
     """Read a dataset file (or, with path None or a directory, an image folder)
-    into records. Checks the file, not the images: see `missing_images`."""
+    into records. Checks the file, not the images: see `missing_images`.
+
+    `split`: the split to read (an error where the file has none); `default_split`:
+    the one read without `split` where the file holds splits (module docstring);
+    `lang`: SLAKE's question language, one of LANGUAGES."""
     image_root = Path(image_root)
     if fmt != "auto" and fmt not in FORMATS:
         raise DatasetError(f"unknown dataset format {fmt!r}; known: auto, {', '.join(FORMATS)}")
+    if lang not in LANGUAGES:
+        raise DatasetError(f"unknown question language {lang!r}; choose one of {', '.join(LANGUAGES)}")
     if path is None or Path(path).is_dir() or fmt == "folder":
         if fmt not in ("auto", "folder"):
             raise DatasetError(f"{path or image_root}: format {fmt!r} needs a dataset file (--data), "
@@ -562,7 +626,7 @@ def load_records(path, image_root, fmt: str = "auto", split: str | None = None) 
     path = Path(path)
     data, labels, kind = _read(path)
     name = detect_format(data, kind, path) if fmt == "auto" else fmt
-    records = FORMATS[name](data, _Source(path, image_root, split, labels))
+    records = FORMATS[name](data, _Source(path, image_root, split, labels, default_split, lang))
     if not records:
         raise DatasetError(f"{path}: no records")
     return records

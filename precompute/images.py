@@ -3,14 +3,24 @@ and a LLaVA student expect.
 
     load_image(path)       PNG/JPEG/BMP/TIFF in every PIL mode, and DICOM -> PIL "RGB"
     expand2square(img)     LLaVA's pad-to-square
+    has_dicom_magic(path)  the Part 10 "DICM" marker (suffix-less DICOM exports)
     ImageError             one line: "<path>: <what is wrong>"
 
 Why not just `Image.open(path).convert("RGB")`: PIL's conversion of 16-bit and
 float grayscale clips at 255, so a 12- or 16-bit radiograph turns almost
 entirely white; alpha is dropped instead of composited; EXIF rotation is
 ignored; and a truncated file only fails later, deep inside a DataLoader worker.
-Grayscale intensity scaling is per image (see `_to_uint8`): the teacher sees
-the same picture whether the dataset stored it as 8-bit, 16-bit or DICOM.
+
+Grayscale intensities depend on how the image was stored, and are NOT
+normalised to one look across kinds:
+- 8-bit (L, 1, P, RGB...): used as stored, no stretching;
+- 16-bit / 32-bit / float grayscale: the image's own min..max stretched to 0..255;
+- DICOM grayscale: the modality rescale, then the header's first VOI window
+  mapped to 0..255 (outside it, e.g. air and bone in a soft-tissue window,
+  saturates); min..max of the frame after a VOI LUT or when there is no VOI;
+- DICOM colour: scaled by its stored bit depth.
+The same file gives the same pixels at build time (teacher) and training time
+(student): both stages call load_image.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ def load_image(path) -> Image.Image:
         raise ImageError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes); re-export or remove it")
-    if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_magic(path):
+    if path.suffix.lower() in DICOM_SUFFIXES or has_dicom_magic(path):
         return _load_dicom(path)
     return _load_pil(path)
 
@@ -142,7 +152,7 @@ def _unit_to_uint8(values: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- DICOM
 
-def _has_dicom_magic(path: Path) -> bool:
+def has_dicom_magic(path) -> bool:
     # Part 10 files: 128-byte preamble, then "DICM". Clinical exports often
     # have no suffix at all (IM0001, 1.2.840....), so the magic decides.
     try:
@@ -173,7 +183,7 @@ def _load_dicom(path: Path) -> Image.Image:
     except ImportError:
         raise ImageError(f"{path}: is a DICOM file and pydicom is not installed; "
                          f"pip install pydicom (or pip install 'medalign[dicom]')") from None
-    magic = _has_dicom_magic(path)
+    magic = has_dicom_magic(path)
     try:
         # Files without the Part 10 header (older exports) need force=True.
         ds = pydicom.dcmread(path, force=not magic)
@@ -184,9 +194,7 @@ def _load_dicom(path: Path) -> Image.Image:
         raise ImageError(f"{path}: not a DICOM image (no 'DICM' header and no pixel data found); "
                          f"check the file, or give it its real suffix if it is another format")
     if not has_pixels:
-        kind = ds.get("Modality") or ds.get("SOPClassUID", "unknown")
-        raise ImageError(f"{path}: DICOM object without pixel data (modality/class {kind}); "
-                         f"only image DICOMs can be used, remove it from the dataset")
+        raise _without_pixels(path, ds)
     try:
         frames = int(ds.get("NumberOfFrames") or 1)
         index = frames // 2
@@ -202,8 +210,59 @@ def _load_dicom(path: Path) -> Image.Image:
         raise
     except Exception as e:  # noqa: BLE001 - truncated pixel data, missing codec, bad LUT...
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        syntax = f" ({syntax.name})" if syntax is not None else ""
-        raise ImageError(f"{path}: cannot decode DICOM pixel data{syntax}: {type(e).__name__}: {e}") from None
+        name = f" ({syntax.name})" if syntax is not None else ""
+        short = _short_pixel_data(ds, syntax)
+        if short:
+            raise ImageError(f"{path}: cannot decode DICOM pixel data{name}: truncated, {short}; "
+                             f"copy or export it again") from None
+        raise ImageError(f"{path}: cannot decode DICOM pixel data{name}: {type(e).__name__}: {e}") from None
+
+
+def _without_pixels(path: Path, ds) -> ImageError:
+    """A DICOM without pixel data is either cut short (it announces an image: an
+    image SOP class, Rows/Columns, or nothing at all after the file header; pydicom
+    reads a truncated file without complaint, up to where it ends) or a non-image
+    object (an SR, an RT plan) that has no place in an image dataset."""
+    evidence = _announced_image(ds)
+    if evidence:
+        return ImageError(f"{path}: truncated DICOM ({path.stat().st_size} bytes): {evidence}, but the file "
+                          f"ends before its pixel data; copy or export it again")
+    try:
+        kind = ds.get("Modality") or ds.get("SOPClassUID") or "unknown"
+    except Exception:  # noqa: BLE001 - an element cut short fails only when read
+        kind = "unknown"
+    return ImageError(f"{path}: DICOM object without pixel data (modality/class {kind}); "
+                      f"only image DICOMs can be used, remove it from the dataset")
+
+
+def _announced_image(ds) -> str | None:
+    """Why `ds` should have had pixel data, or None (see `_without_pixels`)."""
+    if "Rows" in ds or "Columns" in ds:
+        return "its header gives the image size (Rows/Columns)"
+    try:
+        from pydicom.uid import UID
+        meta = getattr(ds, "file_meta", None)
+        sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+        name = UID(str(sop)).name if sop else ""
+    except Exception:  # noqa: BLE001 - an element cut short fails only when read
+        name = ""
+    if "Image Storage" in name:
+        return f"its header announces a {name} object"
+    return "nothing follows its 'DICM' file header" if len(ds) == 0 else None
+
+
+def _short_pixel_data(ds, syntax) -> str | None:
+    """"N of M bytes" when uncompressed pixel data is shorter than its header says."""
+    try:
+        if syntax is not None and syntax.is_compressed:
+            return None  # compressed lengths are not predictable
+        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * \
+            int(ds.get("NumberOfFrames") or 1)
+        expected = (pixels * int(ds.BitsAllocated) + 7) // 8
+        got = len(ds.PixelData)
+    except Exception:  # noqa: BLE001 - a header too broken to tell
+        return None
+    return f"{got} of {expected} pixel data bytes" if got < expected else None
 
 
 def _dicom_frame(ds, index: int | None) -> np.ndarray:

@@ -63,6 +63,11 @@ def _truncated_dicom() -> bytes:
     return Path(get_testdata_file("MR_truncated.dcm")).read_bytes()   # pydicom's short pixel data
 
 
+def _dicom_cut_in_its_header() -> bytes:
+    from pydicom.data import get_testdata_file
+    return Path(get_testdata_file("CT_small.dcm")).read_bytes()[:1000]   # a copy interrupted early
+
+
 # name in the image root -> (file content or None for "absent", key phrase of its error)
 BROKEN_IMAGES = {
     "truncated.png": (_png_bytes(1)[:300], "image file is truncated"),
@@ -70,6 +75,7 @@ BROKEN_IMAGES = {
     "empty.png": (b"", "empty file (0 bytes)"),
     "notes.png": (b"patient list, not a picture\n", "not a readable image"),
     "scans/truncated.dcm": (_truncated_dicom(), "cannot decode DICOM pixel data"),
+    "scans/cut_header.dcm": (_dicom_cut_in_its_header(), "truncated DICOM (1000 bytes)"),
     "missing.png": (None, "no such file"),
     "huge.png": (_png_claiming(100_000, 100_000), "decompression bomb"),
 }

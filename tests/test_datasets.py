@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from precompute.datasets import (FORMATS, REPORT_PROMPT, DatasetError, Record, cache_keys, load_records,
-                                 missing_images, register_format, resolve_image)
+from precompute.datasets import (FORMATS, LANGUAGES, REPORT_PROMPT, DatasetError, Record, cache_keys,
+                                 load_records, missing_images, register_format, resolve_image)
 
 # ----------------------------------------------------------------------------- fixtures (real field names)
 
@@ -127,6 +127,17 @@ def test_r2gen_splits(tmp_path):
     assert train[0].images == ("CXR2384_IM-0942/0.png", "CXR2384_IM-0942/1.png")
     assert train[0].turns == ((REPORT_PROMPT, R2GEN["train"][0]["report"]),) and train[0].task == "report"
     assert [r.id for r in load_records(path, tmp_path, split="test")] == ["CXR1001_IM-0004"]
+    assert {r.split for r in train} == {"train"}
+
+
+def test_r2gen_default_split_is_the_callers(tmp_path):
+    """Evaluation asks for "test" when no split is given; build and training keep "train"."""
+    path = write(tmp_path, *FIXTURES["r2gen"])
+    (record,) = load_records(path, tmp_path, default_split="test")
+    assert (record.id, record.split) == ("CXR1001_IM-0004", "test")
+    assert [r.id for r in load_records(path, tmp_path, split="val", default_split="test")] == ["CXR1000_IM-0003"]
+    with pytest.raises(DatasetError, match=r"no split 'test' \(the default here\); present: \['train'\]"):
+        load_records(write(tmp_path, "a.json", {"train": R2GEN["train"]}), tmp_path, default_split="test")
 
 
 def test_vqa_rad(tmp_path):
@@ -136,9 +147,41 @@ def test_vqa_rad(tmp_path):
     assert (b.answer, b.answer_type) == ("12", "open")   # numeric answer, padded answer type
 
 
-def test_slake_keeps_english_only(tmp_path):
-    records = load_records(write(tmp_path, *FIXTURES["slake"]), tmp_path)
+VQA_RAD_PHRASES = [dict(VQA_RAD[0], qid=i, phrase_type=phrase) for i, phrase in
+                   enumerate(["freeform", "para", "test_freeform", "test_para"])]
+
+
+def test_vqa_rad_phrase_type_is_the_split(tmp_path):
+    """The public VQA-RAD JSON has no split field: phrase_type test_* marks the test set."""
+    path = write(tmp_path, "VQA_RAD Dataset Public.json", VQA_RAD_PHRASES)
+    assert [r.id for r in load_records(path, tmp_path, split="test")] == ["2", "3"]
+    assert [(r.id, r.split) for r in load_records(path, tmp_path, split="train")] == [("0", "train"),
+                                                                                       ("1", "train")]
+    assert [r.split for r in load_records(path, tmp_path)] == ["train", "train", "test", "test"]
+    assert [r.id for r in load_records(path, tmp_path, default_split="test")] == ["2", "3"]
+    own = write(tmp_path, "own.json", [dict(VQA_RAD_PHRASES[2], split="train")])   # a split field wins
+    assert [r.split for r in load_records(own, tmp_path)] == ["train"]
+
+
+def test_default_split_reads_a_file_without_splits_whole(tmp_path):
+    path = write(tmp_path, *FIXTURES["pathvqa"])
+    assert len(load_records(path, tmp_path, default_split="test")) == 2
+    assert {r.split for r in load_records(path, tmp_path)} == {None}
+
+
+def test_slake_keeps_english_unless_asked(tmp_path):
+    path = write(tmp_path, *FIXTURES["slake"])
+    records = load_records(path, tmp_path)
     assert [(r.id, r.answer_type) for r in records] == [("0", "open"), ("2", "closed")]
+    (zh,) = load_records(path, tmp_path, lang="zh")
+    assert (zh.id, zh.answer) == ("1", "胸部")
+    assert [r.id for r in load_records(path, tmp_path, lang="all")] == ["0", "1", "2"]
+    assert LANGUAGES == ("en", "zh", "all")
+    with pytest.raises(DatasetError, match=r"no Chinese questions \(q_lang 'zh'\); present: \['en'\]; "
+                                           r"choose them with --lang"):
+        load_records(write(tmp_path, "en.json", [SLAKE[0]]), tmp_path, lang="zh")
+    with pytest.raises(DatasetError, match="unknown question language 'fr'"):
+        load_records(path, tmp_path, lang="fr")
 
 
 def test_pathvqa_suffix_and_inferred_answer_type(tmp_path):
@@ -183,6 +226,19 @@ def test_folder_lists_images_sorted(tmp_path):
     assert [r.id for r in records] == expected and cache_keys(records) == expected
     assert all(r.task == "image" and r.turns == () and r.images == (r.id,) for r in records)
     assert [r.id for r in load_records(root / "b", root)] == ["b/1.jpg", "b/2.PNG"]   # a sub-folder, keys from root
+
+
+def test_folder_finds_dicom_by_suffix_and_by_magic(tmp_path):
+    """The scan takes what load_image reads: .dicom, and any name (IM0001, a UID whose
+    "suffix" is ".3") holding the DICM magic at byte 128."""
+    root = tmp_path / "images"
+    root.mkdir()
+    dicm = b"\0" * 128 + b"DICM" + b"\2\0" * 8
+    for name in ["IM0001", "1.2.840.113619.2.55.3", "b.DICOM"]:
+        (root / name).write_bytes(dicm)
+    (root / "README").write_text("study notes, not an image\n")
+    (root / "short").write_bytes(b"DICM")                         # too short to hold the magic at 128
+    assert cache_keys(load_records(None, root)) == ["1.2.840.113619.2.55.3", "IM0001", "b.DICOM"]
 
 
 def test_split_field_filters_record_lists(tmp_path):
@@ -245,7 +301,7 @@ ERRORS = [  # (name, file name, content, fmt, split, message pattern)
     ("missing image_path", "x.json", {"train": [{"id": "c1", "report": "r"}]}, "r2gen", None,
      r"train\[0\] \(id 'c1'\): missing or empty 'image_path'"),
     ("absent split", "x.json", R2GEN, "r2gen", "valid", r"no split 'valid'; present: \['test', 'train', 'val'\]"),
-    ("split on a file without splits", "x.json", VQA_RAD, "auto", "test", "no 'split' field"),
+    ("split on a file without splits", "x.json", PATHVQA, "auto", "test", "no 'split' field"),
     ("text-only llava", "x.json", [llava_row(0), {"id": "t1", "conversations": []}], "llava", None,
      r"record 1 \(id 't1'\): text-only record"),
     ("trailing human turn", "x.json", [{"id": "h", "image": "a.png", "conversations": [

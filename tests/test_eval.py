@@ -1,11 +1,13 @@
 """Evaluation: metrics on hand-checked cases, `medalign-distill eval` on trained and
-base tiny students (real cache, real runs), generation against full forwards, and
-`medalign-distill compare` over an alpha/beta ablation."""
+base tiny students (real cache, real runs), generation against full forwards,
+`medalign-distill compare` over an alpha/beta ablation of three runs sharing one cache,
+and eval's handling of broken and missing images and of files holding several splits."""
 
 import csv
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,10 @@ def _images(root: Path, n: int):
         Image.fromarray(img).save(root / f"scan_{i:02d}.png")
 
 
+# The ablation: both losses, no attention loss, no visual alignment loss. All three read the cache.
+ABLATION = {"both": (1.0, 0.05), "no-attn": (1.0, 0.0), "no-vis": (0.0, 0.05)}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Images, a LLaVA training file, a tiny cache and three short runs (an alpha/beta
@@ -183,7 +189,7 @@ def runs(tmp_path_factory):
     build_cache(BuildConfig(teacher="tiny", random_init=True, cache=cache, data=train_json, image_root=root,
                             num_workers=0), progress=False)
     out = {}
-    for name, alpha, beta in [("both", 1.0, 0.05), ("no-attn", 1.0, 0.0), ("lora", 0.0, 0.0)]:
+    for name, (alpha, beta) in ABLATION.items():
         config = RunConfig(cache=cache, teacher="tiny", student="tiny", data=train_json, image_root=root,
                            out=tmp / "runs" / name, layer=2, alpha=alpha, beta=beta, max_steps=2, batch_size=2,
                            grad_accum=1, lr=3e-3, warmup_ratio=0.0, num_workers=0)
@@ -204,24 +210,27 @@ def _rows(path: Path) -> list[dict]:
 
 def test_eval_compare_end_to_end(runs):
     tmp, root, test = runs["tmp"], runs["root"], runs["test"]
-    both, no_attn = runs["runs"]["both"], runs["runs"]["no-attn"]
+    both, no_attn, no_vis = (runs["runs"][name] for name in ABLATION)
     r = _eval("--run", both, "--data", test, "--image-root", root, "--batch-size", 5)
     assert "closed accuracy" in r.output and "open recall" in r.output
     _eval("--run", no_attn, "--data", test, "--image-root", root, "--batch-size", 4, "--num-beams", 2,
           "--no-meteor")
+    _eval("--run", no_vis, "--data", test, "--image-root", root, "--batch-size", 6, "--no-meteor")
     _eval("--run", both, "--base-only", "--data", test, "--image-root", root, "--no-meteor")
     _eval("--student", "tiny", "--out", tmp / "runs" / "base", "--data", test, "--image-root", root,
           "--limit", 5, "--no-meteor")
 
     for d, n, kind in [(both / "eval" / "test", 12, "trained"), (no_attn / "eval" / "test", 12, "trained"),
-                       (both / "base" / "eval" / "test", 12, "base"), (tmp / "runs" / "base" / "eval" / "test", 5,
-                                                                      "base")]:
+                       (no_vis / "eval" / "test", 12, "trained"), (both / "base" / "eval" / "test", 12, "base"),
+                       (tmp / "runs" / "base" / "eval" / "test", 5, "base")]:
         rows = _rows(d / "predictions.jsonl")
         assert len(rows) == n
         assert set(rows[0]) >= {"id", "image", "question", "answer", "prediction", "task", "answer_type"}
         assert {r["answer_type"] for r in rows} == ({"open", "closed"})
         m = json.loads((d / "metrics.json").read_text())
         assert m["model"]["kind"] == kind
+        assert m["data"]["split"] is None and m["data"]["skipped"] == 0   # a file without splits, read whole
+        assert not (d / "skipped.jsonl").exists()
         assert m["vqa"]["closed"]["n"] + m["vqa"]["open"]["n"] == n
         for v in (m["vqa"]["closed"]["accuracy"], m["vqa"]["open"]["recall"], m["text"]["all"]["BLEU_1"]):
             assert 0.0 <= v <= 1.0
@@ -251,17 +260,28 @@ def test_eval_compare_end_to_end(runs):
     assert header[:2] == ["run", "model"]
     assert "alpha" in header and "beta" in header          # differ between the runs
     assert "layer" not in header and "lora_r" not in header and "out" not in header  # same for all / bookkeeping
-    assert {"closed_acc", "closed_acc_llava_med", "open_recall", "BLEU_4", "loss"} <= set(header)
+    assert "teacher" not in header and "cache" not in header                      # one cache for the ablation
+    assert {"closed_acc", "closed_acc_llava_med", "open_recall", "BLEU_4", "loss", "vis", "att"} <= set(header)
     body = lines[2:]
     assert len(body) == 5                                   # 3 runs + the run's base + the standalone base
     by_run = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in body)}
-    assert by_run[str(runs["runs"]["lora"])][1] == "trained (not evaluated)"
-    assert by_run[str(runs["runs"]["lora"])][header.index("loss")] != "—"     # final training loss shown
-    assert by_run[str(both)][header.index("alpha")] == "1" and by_run[str(both)][header.index("beta")] == "0.05"
-    assert by_run[f"{both} (base)"][1] == "base"
+    for name, (alpha, beta) in ABLATION.items():
+        row = by_run[str(runs["runs"][name])]
+        assert row[1] == "trained"
+        assert (row[header.index("alpha")], row[header.index("beta")]) == (f"{alpha:g}", f"{beta:g}")
+        assert row[header.index("closed_acc")] != "—" and row[header.index("loss")] != "—"
+    assert by_run[f"{both} (base)"][1] == "base" and by_run[str(tmp / "runs" / "base")][1] == "base"
     assert table_md.read_text() == r.output
     rows = list(csv.reader(io.StringIO(table_csv.read_text())))
     assert rows[0] == header and len(rows) == 6
+
+    # a dataset no run was evaluated on: each run is still a row, with its training losses
+    r = CliRunner().invoke(distill_cli, ["compare", *map(str, runs_dir), "--data-stem", "other"],
+                           catch_exceptions=False)
+    body = [[x.strip() for x in line.strip("|").split("|")] for line in r.output.splitlines()
+            if line.startswith("|")][2:]
+    assert sorted(c[0] for c in body) == sorted(str(p) for p in runs["runs"].values())
+    assert {c[1] for c in body} == {"trained (not evaluated)"}
 
 
 @torch.no_grad()
@@ -318,3 +338,113 @@ def test_eval_refuses_what_it_cannot_do(runs, tmp_path):
     assert r.exit_code == 1 and "config.json" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(distill_cli, ["compare", str(tmp_path)])
     assert r.exit_code == 1 and "no run directories" in r.output
+
+
+# ----------------------------------------------------------------------------- broken inputs, splits
+
+def _invoke_eval(*args):
+    """eval as a user runs it; the result must never carry a traceback."""
+    r = CliRunner().invoke(distill_cli, ["eval", *map(str, args), "--max-new-tokens", "4", "--no-meteor",
+                                         "--quiet"])
+    assert "Traceback" not in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r
+
+
+def _question(rid: str, image: str) -> dict:
+    return {"id": rid, "image": image, "answer_type": "CLOSED", "conversations": [
+        {"from": "human", "value": "<image>\nIs the spot at the top?"}, {"from": "gpt", "value": "yes"}]}
+
+
+@pytest.fixture(scope="module")
+def broken(runs):
+    """Six questions, the fourth on a text file named .png; one more file naming a missing image."""
+    root = runs["tmp"] / "broken-images"
+    shutil.copytree(runs["root"], root)
+    (root / "notes.png").write_text("not an image\n")
+    images = ["scan_00.png", "scan_01.png", "scan_02.png", "notes.png", "scan_03.png", "scan_04.png"]
+    data = runs["tmp"] / "broken.json"
+    data.write_text(json.dumps([_question(f"q{i}", image) for i, image in enumerate(images)]))
+    missing = runs["tmp"] / "missing.json"
+    missing.write_text(json.dumps([_question("m0", "scan_00.png"), _question("m1", "gone/lost.png")]))
+    return {"root": root, "data": data, "missing": missing, "out": runs["tmp"] / "broken-eval"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_broken_image_skip_then_fail(broken, workers):
+    """skip: the broken sample is listed and the rest scored; fail: one line naming the
+    image, the predictions made before it kept, no stale metrics.json. With DataLoader
+    workers too: no worker traceback text reaches the user."""
+    name = f"w{workers}"
+    common = ["--student", "tiny", "--out", broken["out"], "--data", broken["data"], "--image-root",
+              broken["root"], "--batch-size", 2, "--workers", workers, "--name", name]
+    dest = broken["out"] / "eval" / name
+    r = _invoke_eval(*common, "--on-error", "skip")
+    assert r.exit_code == 0, r.output
+    assert f"skipped 1 of 6 samples (broken or missing images), scored the other 5: see {dest / 'skipped.jsonl'}" \
+        in r.output
+    (skipped,) = _rows(dest / "skipped.jsonl")
+    assert skipped["id"] == "q3" and skipped["image"] == "notes.png" and "not a readable image" in skipped["error"]
+    assert [row["id"] for row in _rows(dest / "predictions.jsonl")] == ["q0", "q1", "q2", "q4", "q5"]
+    m = json.loads((dest / "metrics.json").read_text())
+    assert (m["n"], m["data"]["skipped"], m["data"]["samples"], m["data"]["on_error"]) == (5, 1, 6, "skip")
+
+    r = _invoke_eval(*common)                                 # --on-error fail, the default
+    assert r.exit_code == 1, r.output
+    line = r.output.strip()
+    assert line.startswith("Error: sample 'q3': ") and "\n" not in line, r.output
+    assert f"{broken['root'] / 'notes.png'}: not a readable image" in line and "--on-error skip" in line
+    assert f"the 2 predictions made before it are in {dest / 'predictions.jsonl'}" in line
+    assert [row["id"] for row in _rows(dest / "predictions.jsonl")] == ["q0", "q1"]   # the batch before it
+    assert not (dest / "metrics.json").exists() and not (dest / "skipped.jsonl").exists()
+
+
+def test_eval_checks_images_before_loading_the_model(broken, tmp_path):
+    common = ["--student", "tiny", "--data", broken["missing"], "--image-root", broken["root"], "--workers", 0]
+    r = _invoke_eval(*common, "--out", tmp_path / "fail")
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"Error: {broken['missing']}: 1 image not found: "
+                                f"{broken['root'] / 'gone' / 'lost.png'}; check --image-root, or pass "
+                                f"--on-error skip to evaluate the rest")
+    assert not (tmp_path / "fail" / "tiny-student").exists()            # refused before the model loaded
+    r = _invoke_eval(*common, "--out", tmp_path / "skip", "--on-error", "skip")
+    assert r.exit_code == 0 and "skipped 1 of 2 samples" in r.output, r.output
+    dest = tmp_path / "skip" / "eval" / "missing"
+    assert [row["id"] for row in _rows(dest / "skipped.jsonl")] == ["m1"]
+    assert "no such file" in _rows(dest / "skipped.jsonl")[0]["error"]
+    assert [row["id"] for row in _rows(dest / "predictions.jsonl")] == ["m0"]
+    r = CliRunner().invoke(distill_cli, ["compare", str(tmp_path / "skip")], catch_exceptions=False)
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in r.output.splitlines() if line.startswith("|")]
+    assert lines[0][-1] == "skipped" and lines[2][-1] == "1"          # scores over fewer samples are flagged
+
+
+def test_collate_turns_broken_items_into_errors():
+    item = {"input_ids": [5, 9, 9, 7, 8], "labels": [], "query_rows": (3, 5), "pixel_values": torch.zeros(3, 4, 4),
+            "index": 0}
+    collate = left_pad_collate(0, 9, 2)
+    batch = collate([item, {"index": 1, "id": "b", "key": "b.png", "error": "b.png: empty file"},
+                     dict(item, input_ids=[5, 9, 7, 8], query_rows=(2, 4), index=2)])
+    assert batch["index"].tolist() == [0] and batch["input_ids"].shape == (1, 5)
+    assert [e["index"] for e in batch["errors"]] == [1, 2]
+    assert "expected 2 image tokens in its prompt, found 1" in batch["errors"][1]["error"]
+    assert collate([{"index": 3, "error": "x"}]) == {"errors": [{"index": 3, "error": "x"}]}
+
+
+def test_eval_reads_the_test_split_of_an_r2gen_file(runs, tmp_path):
+    """Without --split an R2Gen annotation.json is scored on its test split (not train),
+    and metrics.json says so."""
+    def study(i):
+        return {"id": f"s{i}", "report": "the spot is at the top.", "image_path": [f"scan_{i:02d}.png"]}
+    data = tmp_path / "annotation.json"
+    data.write_text(json.dumps({"train": [study(0), study(1)], "val": [study(2)], "test": [study(3), study(4)]}))
+    r = _invoke_eval("--student", "tiny", "--out", tmp_path, "--data", data, "--image-root", runs["root"],
+                     "--workers", 0, "--lang", "en")
+    assert r.exit_code == 0, r.output
+    dest = tmp_path / "eval" / "annotation"
+    assert [row["id"] for row in _rows(dest / "predictions.jsonl")] == ["s3", "s4"]
+    assert json.loads((dest / "metrics.json").read_text())["data"]["split"] == "test"
+    r = _invoke_eval("--student", "tiny", "--out", tmp_path, "--data", data, "--image-root", runs["root"],
+                     "--workers", 0, "--split", "val")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "eval" / "annotation-val" / "metrics.json").read_text())
+    assert m["data"]["split"] == "val" and m["n"] == 1

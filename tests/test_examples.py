@@ -67,12 +67,15 @@ def test_same_image_same_key_in_every_format():
 def test_format_specifics():
     slake = load_records(FORMATS_DIR / "slake.json", IMAGES)
     assert [r.id for r in slake] == ["101", "103", "201"]                   # the Chinese question is skipped
+    assert [r.id for r in load_records(FORMATS_DIR / "slake.json", IMAGES, lang="zh")] == ["102"]
     r2gen = load_records(FORMATS_DIR / "r2gen_annotation.json", IMAGES)
     assert [len(r.images) for r in r2gen] == [2, 2] and {r.task for r in r2gen} == {"report"}
     val = load_records(FORMATS_DIR / "r2gen_annotation.json", IMAGES, split="val")
     assert [r.id for r in val] == ["mni152_z30_y-40"]
     vqa = load_records(FORMATS_DIR / "vqa_rad.json", IMAGES)
     assert [r.answer_type for r in vqa] == ["closed", "open", "open", "closed"]
+    test = load_records(FORMATS_DIR / "vqa_rad.json", IMAGES, split="test")   # phrase_type test_freeform
+    assert [r.id for r in test] == ["3"] and [r.split for r in vqa] == ["train"] * 3 + ["test"]
 
 
 def readme_commands() -> list[list[str]]:

@@ -1,7 +1,10 @@
 """load_image: every PIL mode and DICOM flavour a dataset ships -> 8-bit RGB, and
-every broken file -> ImageError naming it."""
+every broken file -> ImageError naming it. Without pydicom (an optional extra) the
+DICOM tests skip and the rest still run."""
+import importlib.util
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,12 +12,18 @@ from PIL import Image
 
 from precompute.images import ImageError, expand2square, load_image
 
-pydicom = pytest.importorskip("pydicom")
-from pydicom.data import get_testdata_file  # noqa: E402
 try:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pydicom >= 3
-except ImportError:  # pydicom 2.x
-    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    import pydicom
+    from pydicom.data import get_testdata_file
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pydicom >= 3
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+except ImportError:
+    pydicom = None
+
+needs_pydicom = pytest.mark.skipif(pydicom is None,
+                                   reason="pydicom is not installed (pip install 'medalign[dicom]')")
 
 
 def gray_rgb(values):
@@ -192,6 +201,7 @@ def ct_with_window(path, center=40, width=400):
     return ds
 
 
+@needs_pydicom
 @pytest.mark.parametrize("case", ["CT_small.dcm", "MR_small.dcm", "CT_windowed"])
 def test_dicom_rescale_and_window(tmp_path, case):
     if case == "CT_windowed":
@@ -208,6 +218,7 @@ def test_dicom_rescale_and_window(tmp_path, case):
     assert got.std() > 20                                 # a picture, not a flat field
 
 
+@needs_pydicom
 def test_dicom_soft_tissue_window_saturates_air_and_bone(tmp_path):
     path = tmp_path / "ct.dcm"
     ds = ct_with_window(path, center=40, width=400)
@@ -216,6 +227,7 @@ def test_dicom_soft_tissue_window_saturates_air_and_bone(tmp_path):
     assert (got[hu < -160] == 0).all() and (got[hu > 240] == 255).all()
 
 
+@needs_pydicom
 def test_monochrome1_is_inverted(tmp_path):
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.PhotometricInterpretation = "MONOCHROME1"
@@ -225,6 +237,7 @@ def test_monochrome1_is_inverted(tmp_path):
     assert (inverted == 255 - normal).all()
 
 
+@needs_pydicom
 def test_multiframe_takes_the_middle_frame(tmp_path):
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     frame = ds.pixel_array
@@ -235,22 +248,94 @@ def test_multiframe_takes_the_middle_frame(tmp_path):
             np.asarray(load_image(get_testdata_file("MR_small.dcm")))).all()
 
 
+@needs_pydicom
 def test_dicom_found_by_magic_without_suffix(tmp_path):
     shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "IM0001")
     assert (np.asarray(load_image(tmp_path / "IM0001")) ==
             np.asarray(load_image(get_testdata_file("CT_small.dcm")))).all()
 
 
+@needs_pydicom
 def test_dicom_colour_16bit_matches_8bit():
     eight = np.asarray(load_image(get_testdata_file("SC_rgb_rle.dcm"))).astype(int)
     sixteen = np.asarray(load_image(get_testdata_file("SC_rgb_rle_16bit.dcm"))).astype(int)
     assert np.abs(eight - sixteen).max() <= 1 and eight.std() > 20
 
 
-def test_dicom_without_pydicom_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pydicom", None)   # makes `import pydicom` raise ImportError
-    with pytest.raises(ImageError, match="pip install pydicom"):
-        load_image(get_testdata_file("CT_small.dcm"))
+# Real multi-frame files from pydicom's test data. emri_small.dcm (10-frame MR) is not in
+# the wheel but in pydicom-data, fetched on demand: used only where already present.
+REAL_MULTIFRAME = ["examples_ybr_color.dcm", "rtdose.dcm", "emri_small.dcm"]
+
+
+def _simple_rendering(ds, frame) -> np.ndarray | None:
+    """The expected RGB of `frame` where no VOI window applies (min..max grayscale,
+    8-bit colour as decoded), else None."""
+    windowed = "WindowCenter" in ds or "SharedFunctionalGroupsSequence" in ds or \
+        "PerFrameFunctionalGroupsSequence" in ds or "RescaleSlope" in ds
+    if windowed:
+        return None
+    if frame.ndim == 3:
+        return frame.astype(int) if ds.BitsStored <= 8 else None
+    f = frame.astype(float)
+    return gray_rgb(np.round((f - f.min()) / (f.max() - f.min()) * 255)).astype(int)
+
+
+@needs_pydicom
+@pytest.mark.parametrize("name", REAL_MULTIFRAME)
+def test_real_multiframe_file_gives_its_middle_frame(name):
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} is not installed (pydicom downloads it on demand; no network here)")
+    ds = pydicom.dcmread(path)
+    frames = ds.pixel_array
+    n = int(ds.NumberOfFrames)
+    assert n > 1 and len(frames) == n
+    got = np.asarray(load_image(path)).astype(int)
+    assert got.shape == (ds.Rows, ds.Columns, 3) and got.std() > 10
+    # the frame the picture correlates with best is the middle one
+    flat = [np.asarray(f, dtype=float).reshape(-1) for f in frames]
+    picture = (got[..., 0] if frames[0].ndim == 2 else got).reshape(-1).astype(float)
+    corr = [np.corrcoef(picture, f)[0, 1] if f.std() > 0 else -1.0 for f in flat]
+    assert int(np.argmax(corr)) == n // 2, corr
+    expected = _simple_rendering(ds, frames[n // 2])
+    if expected is not None:
+        assert np.abs(got - expected).max() <= 1
+
+
+def test_dicom_without_pydicom_says_how_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "IM0001"
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)   # found by its magic, no suffix
+    monkeypatch.setitem(sys.modules, "pydicom", None)    # makes `import pydicom` raise ImportError
+    with pytest.raises(ImageError, match=r"pip install pydicom"):
+        load_image(path)
+
+
+def test_module_runs_without_pydicom(tmp_path, monkeypatch):
+    """This module imported where `import pydicom` fails: it loads (no module-wide
+    skip), its PIL tests run, and exactly the DICOM tests are marked to skip."""
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    spec = importlib.util.spec_from_file_location("images_without_pydicom", __file__)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except pytest.skip.Exception as e:                   # what a module-level importorskip does
+        pytest.fail(f"without pydicom the whole module skips itself: {e}")
+    assert module.pydicom is None
+    module.test_every_pil_mode_becomes_rgb(tmp_path, "I16_full_range.png")
+
+    def skipped(test) -> bool:
+        marks = getattr(test, "pytestmark", [])
+        return any(m.name == "skipif" and m.args[0] for m in marks)
+    tests = {name: f for name, f in vars(module).items() if name.startswith("test_")}
+    skips = {name for name, f in tests.items() if skipped(f)}
+    assert {"test_dicom_rescale_and_window", "test_real_multiframe_file_gives_its_middle_frame"} <= skips
+    assert not skips & {"test_every_pil_mode_becomes_rgb", "test_16bit_keeps_its_range_where_pil_saturates",
+                        "test_decompression_bomb_is_refused_with_the_pixel_count",
+                        "test_expand2square_centres_on_background", "test_dicom_without_pydicom_says_how_to_install"}
+    broken = [p for p in module.test_broken_files_raise_image_error_naming_the_file.pytestmark
+              if p.name == "parametrize"][0].args[1]
+    assert all(bool(getattr(p, "marks", ())) == str(getattr(p, "values", [p])[0]).endswith(".dcm")
+               for p in broken)
 
 
 # ----------------------------------------------------------------------------- broken files
@@ -271,8 +356,8 @@ def write_truncated_dicom_pixels(path):
     shutil.copy(get_testdata_file("MR_truncated.dcm"), path)   # pydicom's own truncated pixel data
 
 
-def write_truncated_dicom_header(path):
-    path.write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read()[:300])
+def write_truncated_dicom_header(path, size=300):
+    path.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[:size])
 
 
 BROKEN = {
@@ -282,14 +367,21 @@ BROKEN = {
     "notes.png": (lambda p: p.write_text("not an image, just text\n"), "not a readable image"),
     "missing.png": (lambda p: None, "no such file"),
     "a_folder.png": (lambda p: p.mkdir(), "not a file"),
-    "truncated_pixels.dcm": (write_truncated_dicom_pixels, "cannot decode DICOM pixel data"),
-    "truncated_header.dcm": (write_truncated_dicom_header, "DICOM"),
+    "truncated_pixels.dcm": (write_truncated_dicom_pixels,
+                             r"cannot decode DICOM pixel data .*truncated, 8130 of 8192 pixel data bytes"),
+    "truncated_header.dcm": (write_truncated_dicom_header,
+                             r"truncated DICOM \(300 bytes\): .*ends before its pixel data"),
+    "truncated_header_1000.dcm": (lambda p: write_truncated_dicom_header(p, 1000),
+                                  r"truncated DICOM \(1000 bytes\): its header announces a CT Image Storage"),
+    "truncated_header_5000.dcm": (lambda p: write_truncated_dicom_header(p, 5000),
+                                  r"truncated DICOM \(5000 bytes\): its header gives the image size"),
     "text.dcm": (lambda p: p.write_text("hello"), "not a DICOM image"),
     "rtplan.dcm": (lambda p: shutil.copy(get_testdata_file("rtplan.dcm"), p), "without pixel data"),
 }
 
 
-@pytest.mark.parametrize("name", list(BROKEN))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_pydicom) if n.endswith(".dcm") else n
+                                  for n in BROKEN])
 def test_broken_files_raise_image_error_naming_the_file(tmp_path, name):
     path = tmp_path / name
     write, message = BROKEN[name]

@@ -3,6 +3,7 @@
 on a real tiny cache and a real 5-step tiny run."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,20 @@ def test_embedding_helpers():
     assert Y.shape == (20, 2) and method == "t-SNE" and np.isfinite(Y).all()
     Y, method = embed_2d(X[:3])
     assert Y.shape == (3, 2) and method == "PCA"
+
+
+def test_embedding_falls_back_to_pca_without_scikit_learn(monkeypatch):
+    """scikit-learn is optional (t-SNE): without it the embedding is the top two
+    principal components, and the method says so."""
+    monkeypatch.setitem(sys.modules, "sklearn", None)             # `import sklearn...` raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
+    rng = np.random.default_rng(1)
+    X = rng.normal(0, 1, (20, 6)) * np.array([5.0, 2.0, 0.1, 0.1, 0.1, 0.1])   # variance in two axes
+    Y, method = embed_2d(X)
+    assert method == "PCA" and Y.shape == (20, 2)
+    centred = X - X.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(np.abs(Y), np.abs(centred @ vt[:2].T), rtol=1e-8, atol=1e-10)
 
 
 def test_image_labels_rules():
