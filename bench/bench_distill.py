@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_distill.py            # full: 3 interleaved repeats, ~5 min on an idle 2-core CPU machine
     .venv/bin/python bench/bench_distill.py --quick    # 1 repeat, fewer steps (~2.5 min)
+    .venv/bin/python bench/bench_distill.py --device cuda [--hidden-size 4096 --num-layers 8]
+                                                       # on a GPU: bf16 autocast, CUDA allocator peaks
 
 Issue "Speed and memory targets". Every configuration runs in its own fresh
 subprocess; the configurations are interleaved (the order rotates each repeat) and
@@ -17,7 +19,8 @@ non-reentrant activation checkpointing in every one):
              L_att from outputs.attentions[layer]; alignment transform still applied
   online     the teacher (precompute.teachers.load_teacher("unimed", random_init=True),
              the real ViT-B/16 architecture) held in memory and run inside every step
-             on the batch's images (precompute.build.teacher_targets) instead of the cache
+             on the batch's images instead of the cache (the targets as the cache build
+             computes them, left on the device)
   loader     cache reads: TeacherGroup.native_packed over a few hundred samples of a real
              Zarr cache (P=196, fp16, written with GroupWriter) + the resize to grid 24,
              batched as in training, samples/s
@@ -44,6 +47,17 @@ How it is measured (CPU, fp32). Each worker process builds its configuration, th
     torch with 1 thread by default (--threads): the CPU time of a step is then its whole
     cost, and it is far less disturbed than wall time by other load on a shared
     machine, so the time goals are judged on CPU time (wall ratios printed alongside).
+
+How it is measured with --device cuda (as train.py runs on a GPU: bf16 weights, bf16
+autocast, non-reentrant checkpointing; the teacher under the same autocast):
+  - memory: "step peak" = torch.cuda.max_memory_allocated during the step (peak stats
+    reset just before) minus memory_allocated just before; "total peak" = the process's
+    max_memory_allocated (weights, optimiser state, teacher). The caching allocator's
+    reserve is not counted: allocated bytes are what the configurations really differ in.
+  - time: torch.cuda.synchronize() before and after each step, wall time (CPU time says
+    nothing about GPU work, so the time goals are judged on wall time).
+  The default student is CPU-sized; --hidden-size / --num-layers make it representative
+  on a GPU (4096 is the width of the 7B students).
 """
 
 from __future__ import annotations
@@ -79,9 +93,13 @@ SAMPLES = [("Which organ shows an abnormality?", "The left lung."),
            ("Is there a fracture in this image?", "No fracture is seen.")]
 
 
-def make_student(out: Path) -> Path:
-    """A random LLaVA, representative in shape but CPU-sized: CLIP tower 336 px / patch 14
-    (24 x 24 grid, 1 layer used + 1), Mistral decoder 512 wide, 8 heads / 4 kv heads, 8 layers."""
+HIDDEN, LAYERS = 512, 8                     # the decoder's default (CPU-sized) width and depth
+
+
+def make_student(out: Path, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
+    """A random LLaVA, representative in shape but CPU-sized by default: CLIP tower 336 px /
+    patch 14 (24 x 24 grid, 1 layer used + 1), Mistral decoder `hidden` wide (heads of 64,
+    half as many kv heads, MLP 2x), `layers` layers."""
     import torch
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, MistralConfig)
@@ -92,8 +110,10 @@ def make_student(out: Path) -> Path:
     vision = CLIPVisionConfig(image_size=STUDENT_IMAGE, patch_size=STUDENT_PATCH, hidden_size=64,
                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                               projection_dim=64)
-    text = MistralConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+    heads = hidden // 64
+    text = MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                         max_position_embeddings=2048,
                          sliding_window=None, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          tie_word_embeddings=False)
@@ -158,8 +178,8 @@ def make_cache(cache: Path, n: int) -> dict:
     return {"num_patches": P, "samples": n}
 
 
-def setup(work: Path) -> None:
-    make_student(work / "student")
+def setup(work: Path, hidden: int, layers: int) -> None:
+    make_student(work / "student", hidden, layers)
     make_images(work / "images", BATCH)   # the cache rows need no image files
     make_cache(work / "cache", CACHE_SAMPLES)
 
@@ -244,6 +264,58 @@ class PeakRSS:
         self.total = max(self.total_before, self.vm_hwm(), self.peak)
 
 
+class CudaPeak:
+    """The CUDA allocator's high-water mark over a stretch of code; the same fields as PeakRSS."""
+
+    kernel_reset = False
+
+    def __enter__(self):
+        import torch
+        torch.cuda.synchronize()
+        self.total_before = torch.cuda.max_memory_allocated()
+        self.baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+        self.total = max(self.total_before, self.peak)
+
+
+def resident_bytes(device) -> int:
+    """What a loaded model occupies: allocated GPU memory, or the process's RSS."""
+    if device.type == "cuda":
+        import torch
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work, so a clock read after it measures it (no-op on CPU)."""
+    if device.type == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def torch_device(name: str):
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device on this machine")
+    return torch.device(name)
+
+
+def online_targets(teacher, pixels):
+    """The online approach: the teacher's targets for this batch, computed now and left on
+    its device (packed fp16 similarity, fp32 attention, as the cache stores them)."""
+    from precompute.targets import pack_upper, patch_similarity
+    tokens, attention = teacher(pixels)
+    return {"teacher_sim": pack_upper(patch_similarity(tokens)).half(), "teacher_attn": attention.float()}
+
+
 # ----------------------------------------------------------------------------- one configuration
 
 def reference_prompt_attention(attentions, query_mask, visual_index):
@@ -255,11 +327,12 @@ def reference_prompt_attention(attentions, query_mask, visual_index):
     return rows.gather(1, visual_index)
 
 
-def run_loader(work: Path, threads: int) -> dict:
+def run_loader(work: Path, threads: int, device_name: str = "cpu") -> dict:
     import numpy as np
     import torch
 
     torch.set_num_threads(threads)
+    device = torch_device(device_name)
 
     from distill.train import teacher_targets_on_device
     from precompute.cache import open_cache
@@ -279,7 +352,8 @@ def run_loader(work: Path, threads: int) -> dict:
         read_s += time.perf_counter() - t
         batch = {"teacher_sim": torch.stack([torch.from_numpy(np.asarray(s)) for s, _ in items]),
                  "teacher_attn": torch.stack([torch.from_numpy(np.asarray(a)) for _, a in items])}
-        sim, attn = teacher_targets_on_device(batch, grid, native, torch.device("cpu"), True, True)
+        sim, attn = teacher_targets_on_device(batch, grid, native, device, True, True)
+        sync(device)
         assert sim.shape == (len(ks), grid * grid, grid * grid) and attn.shape == (len(ks), grid * grid)
         n += len(ks)
     dt = time.perf_counter() - t0
@@ -287,7 +361,10 @@ def run_loader(work: Path, threads: int) -> dict:
             "read_samples_per_s": n / read_s}
 
 
-def run_config(name: str, work: Path, steps: int, warmup: int, mem_steps: int, threads: int) -> dict:
+def run_config(name: str, work: Path, steps: int, warmup: int, mem_steps: int, threads: int,
+               device_name: str = "cpu") -> dict:
+    import contextlib
+
     import torch
 
     torch.set_num_threads(threads)
@@ -295,12 +372,15 @@ def run_config(name: str, work: Path, steps: int, warmup: int, mem_steps: int, t
     from distill.data import DistillDataset, make_collate
     from distill.losses import attention_distill_loss, visual_alignment_loss
     from distill.student import AlignmentTransform, DistillTap, apply_lora, load_student
-    from distill.train import teacher_targets_on_device
+    from distill.train import enable_gradient_checkpointing, teacher_targets_on_device
 
     torch.manual_seed(0)
-    device = torch.device("cpu")
-    student = load_student(str(work / "student"), dtype=torch.float32,
-                           attn_implementation="eager" if name == "reference" else "sdpa", device="cpu")
+    device = torch_device(device_name)
+    cuda = device.type == "cuda"
+    # as train.py: bf16 weights and autocast on a GPU, fp32 on CPU
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    student = load_student(str(work / "student"), dtype=torch.bfloat16 if cuda else torch.float32,
+                           attn_implementation="eager" if name == "reference" else "sdpa", device=str(device))
     apply_lora(student, r=LORA_R, alpha=16, dropout=0.05)
     model = student.model
     distill = name in ("distill", "reference", "online")
@@ -308,12 +388,7 @@ def run_config(name: str, work: Path, steps: int, warmup: int, mem_steps: int, t
     if distill:
         transform = AlignmentTransform(student.hidden_size).to(device)
         tap = DistillTap(student, LAYER, transform, capture_attention=(name != "reference"))
-    # as train.py does on a GPU: non-reentrant activation checkpointing
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_gradient_checkpointing(model)  # as train.py does on a GPU: non-reentrant
     model.train()
 
     group = None
@@ -327,21 +402,18 @@ def run_config(name: str, work: Path, steps: int, warmup: int, mem_steps: int, t
     batch = collate([dataset[i] for i in range(BATCH)])
     native_grid = group.native_grid if group is not None else None
 
-    rss_teacher = 0
+    teacher_mem = 0
     if name == "online":
-        import psutil
-
-        from precompute.build import teacher_targets
         from precompute.images import load_image
         from precompute.teachers import load_teacher
         gc.collect()
-        before = psutil.Process().memory_info().rss
-        teacher = load_teacher(TEACHER, random_init=True)
-        rss_teacher = psutil.Process().memory_info().rss - before
+        before = resident_bytes(device)
+        teacher = load_teacher(TEACHER, random_init=True, device=device)
+        teacher_mem = resident_bytes(device) - before
         native_grid = teacher.grid
         # the teacher's own preprocessing, done where a DataLoader would do it (outside the step)
         teacher_pixels = torch.stack([teacher.preprocess(load_image(work / "images" / image_key(i)))
-                                      for i in range(BATCH)])
+                                      for i in range(BATCH)]).to(device)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if transform is not None:
@@ -357,13 +429,16 @@ def run_config(name: str, work: Path, steps: int, warmup: int, mem_steps: int, t
     def step():
         targets = batch
         if teacher is not None:   # online: the teacher runs on this batch's images now
+            sync(device)
             t, c = time.perf_counter(), time.process_time()
-            sim_np, attn_np = teacher_targets(teacher, teacher_pixels)
-            targets = {"teacher_sim": torch.from_numpy(sim_np), "teacher_attn": torch.from_numpy(attn_np)}
+            with autocast():
+                targets = online_targets(teacher, teacher_pixels)
+            sync(device)
             teacher_times.append((time.perf_counter() - t, time.process_time() - c))
         if tap is not None:
             tap.set_batch(visual_index, query_mask)
-        outputs = model(**inputs)
+        with autocast():
+            outputs = model(**inputs)
         loss = outputs.loss.float()
         if distill:
             sim_t, attn_t = teacher_targets_on_device(targets, student.grid, native_grid, device, True, True)
@@ -381,22 +456,26 @@ def run_config(name: str, work: Path, steps: int, warmup: int, mem_steps: int, t
         return float(loss.item())
 
     del dataset
-    # Phase 1, memory: big blocks straight from/to the kernel, so RSS follows the live
-    # tensors (not what glibc keeps cached). The first step also creates the optimiser state.
-    set_malloc_mmap_threshold(MMAP_THRESHOLD_MEMORY)
+    # Phase 1, memory. The first step also creates the optimiser state. On CPU, big blocks
+    # go straight from/to the kernel, so RSS follows the live tensors (not what glibc keeps cached).
     gc.collect()
-    malloc_trim()
-    with PeakRSS() as mem:
+    if not cuda:
+        set_malloc_mmap_threshold(MMAP_THRESHOLD_MEMORY)
+        malloc_trim()
+    with CudaPeak() if cuda else PeakRSS() as mem:
         for _ in range(mem_steps):
             loss = step()
-    # Phase 2, time: glibc's steady state (blocks reused, as after its dynamic threshold
-    # has grown); one warm-up step, then the timed ones. Wall and process CPU time.
-    set_malloc_mmap_threshold(MMAP_THRESHOLD_TIME)
+    # Phase 2, time: on CPU glibc's steady state (blocks reused, as after its dynamic
+    # threshold has grown); one warm-up step, then the timed ones. Wall and process CPU time.
+    if not cuda:
+        set_malloc_mmap_threshold(MMAP_THRESHOLD_TIME)
     teacher_times.clear()
     times, cpu = [], []
     for i in range(warmup + steps):
+        sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
@@ -407,8 +486,10 @@ def run_config(name: str, work: Path, steps: int, warmup: int, mem_steps: int, t
             "baseline_mb": mem.baseline / 2**20, "kernel_hwm": mem.kernel_reset,
             "teacher_s": statistics.median(t for t, _ in teacher_times) if teacher_times else None,
             "teacher_cpu_s": statistics.median(c for _, c in teacher_times) if teacher_times else None,
-            "teacher_rss_mb": rss_teacher / 2**20, "seq_len": int(batch["input_ids"].shape[1]),
-            "visual_tokens": student.num_visual_tokens, "loss": loss, "threads": torch.get_num_threads()}
+            "teacher_mem_mb": teacher_mem / 2**20, "seq_len": int(batch["input_ids"].shape[1]),
+            "visual_tokens": student.num_visual_tokens, "loss": loss, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "hidden_size": student.hidden_size, "num_layers": student.num_layers}
 
 
 def worker(args) -> None:
@@ -418,19 +499,21 @@ def worker(args) -> None:
     transformers.logging.set_verbosity_error()
     work = Path(args.work)
     if args.worker == "loader":
-        result = run_loader(work, args.threads)
+        result = run_loader(work, args.threads, args.device)
     else:
-        set_malloc_mmap_threshold(MMAP_THRESHOLD_MEMORY)
-        result = run_config(args.worker, work, args.steps, args.warmup, args.mem_steps, args.threads)
+        if args.device == "cpu":
+            set_malloc_mmap_threshold(MMAP_THRESHOLD_MEMORY)
+        result = run_config(args.worker, work, args.steps, args.warmup, args.mem_steps, args.threads, args.device)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------- driver
 
-def spawn(name: str, work: Path, steps: int, warmup: int, mem_steps: int, threads: int) -> dict:
+def spawn(name: str, work: Path, steps: int, warmup: int, mem_steps: int, threads: int,
+          device: str = "cpu") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work),
            "--steps", str(steps), "--warmup", str(warmup), "--mem-steps", str(mem_steps),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--device", device]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -445,24 +528,34 @@ def med(runs, key):
 
 NOISE = 0.05  # goal 3a: step-to-step noise allowed in a difference of two step times
 
-KEYS = ("step_s", "step_cpu_s", "step_peak_mb", "total_peak_mb", "teacher_s", "teacher_cpu_s", "teacher_rss_mb",
+KEYS = ("step_s", "step_cpu_s", "step_peak_mb", "total_peak_mb", "teacher_s", "teacher_cpu_s", "teacher_mem_mb",
         "samples_per_s")
 
 
 def report(results: dict, repeats: int, steps: int, warmup: int, mem_steps: int, elapsed: float) -> None:
     m = {c: {k: med(results[c], k) for k in KEYS} for c in results}
     run0 = results["distill"][0]
-    print(f"\nstudent: random LLaVA (CLIP 336/14 -> {run0['visual_tokens']} visual tokens; Mistral 512 wide, 8 layers, "
-          f"8 heads / 4 kv, MLP 1024), batch {BATCH}, seq {run0['seq_len']}, layer {LAYER}, LoRA r {LORA_R}, fp32, "
-          f"non-reentrant activation checkpointing, torch threads {run0['threads']}.\n"
+    cpu = run0["device"] == "cpu"
+    # The clock the time goals are judged on: process CPU time on CPU (robust to other
+    # load), wall time on a GPU (CPU time says nothing about kernels).
+    T, TT, clock = ("step_cpu_s", "teacher_cpu_s", "cpu") if cpu else ("step_s", "teacher_s", "wall")
+    D, heads = run0["hidden_size"], run0["hidden_size"] // 64
+    if cpu:
+        sampler = "psutil 1 ms + kernel VmHWM" if run0["kernel_hwm"] else "psutil 1 ms"
+        how = (f"fp32, torch threads {run0['threads']}.",
+               f"memory: {mem_steps} step(s) with glibc mmap threshold 128 KiB, RSS high-water mark ({sampler})")
+    else:
+        how = (f"bf16 weights + autocast on {run0['device']}.", f"memory: {mem_steps} step(s), "
+               f"torch.cuda.max_memory_allocated")
+    print(f"\nstudent: random LLaVA (CLIP 336/14 -> {run0['visual_tokens']} visual tokens; Mistral {D} wide, "
+          f"{run0['num_layers']} layers, {heads} heads / {max(1, heads // 2)} kv, MLP {2 * D}), batch {BATCH}, "
+          f"seq {run0['seq_len']}, layer {LAYER}, LoRA r {LORA_R}, non-reentrant activation checkpointing, {how[0]}\n"
           f"teacher: {TEACHER} ViT-B/16 random init (P=196). Medians of {repeats} interleaved fresh-process "
-          f"repeat(s); time: {steps} timed steps after {warmup} warm-up (wall and process CPU); memory: "
-          f"{mem_steps} step(s) with glibc mmap threshold 128 KiB, RSS high-water mark "
-          f"({'psutil 1 ms + kernel VmHWM' if run0['kernel_hwm'] else 'psutil 1 ms'}).")
+          f"repeat(s); time: {steps} timed steps after {warmup} warm-up (wall and process CPU); {how[1]}.")
     print(f"\n{'config':<10} {'wall s':>7} {'cpu s':>7} {'step-peak MB':>13} {'total-peak MB':>14}   "
-          f"per-repeat cpu s / step-peak MB")
+          f"per-repeat {clock} s / step-peak MB")
     for c in ("lora", "distill", "reference", "online"):
-        per = "  ".join(f"{r['step_cpu_s']:.2f}/{r['step_peak_mb']:.0f}" for r in results[c])
+        per = "  ".join(f"{r[T]:.2f}/{r['step_peak_mb']:.0f}" for r in results[c])
         print(f"{c:<10} {m[c]['step_s']:>7.3f} {m[c]['step_cpu_s']:>7.3f} {m[c]['step_peak_mb']:>13.1f} "
               f"{m[c]['total_peak_mb']:>14.1f}   {per}")
     ld = m["loader"]["samples_per_s"]
@@ -471,7 +564,7 @@ def report(results: dict, repeats: int, steps: int, warmup: int, mem_steps: int,
           + " ".join(f"{r['samples_per_s']:.0f}" for r in results["loader"]) + ")")
     on = m["online"]
     print(f"online: teacher forward + targets {on['teacher_s']:.3f} s wall / {on['teacher_cpu_s']:.3f} s cpu "
-          f"per step; teacher weights resident {on['teacher_rss_mb']:.0f} MB")
+          f"per step; teacher weights resident {on['teacher_mem_mb']:.0f} MB")
 
     rows = []
 
@@ -482,32 +575,33 @@ def report(results: dict, repeats: int, steps: int, warmup: int, mem_steps: int,
         rows.append(("   " + label, value, "", ""))
 
     d, lo, ref = m["distill"], m["lora"], m["reference"]
-    r = d["step_cpu_s"] / lo["step_cpu_s"]
-    goal("1a step time distill/lora (cpu)", f"{r:.3f}x", "<= 1.15x", r <= 1.15)
-    info("(wall: distill/lora)", f"{d['step_s'] / lo['step_s']:.3f}x")
+    r = d[T] / lo[T]
+    goal(f"1a step time distill/lora ({clock})", f"{r:.3f}x", "<= 1.15x", r <= 1.15)
+    if cpu:
+        info("(wall: distill/lora)", f"{d['step_s'] / lo['step_s']:.3f}x")
     r = d["step_peak_mb"] / lo["step_peak_mb"]
     goal("1b step-peak mem distill/lora", f"{r:.3f}x", "<= 1.10x", r <= 1.10)
     info("(total-peak distill/lora)", f"{d['total_peak_mb'] / lo['total_peak_mb']:.3f}x")
     r = ref["step_peak_mb"] / d["step_peak_mb"]
     goal("2  step-peak mem reference/distill", f"{r:.2f}x", ">= 2x", r >= 2.0)
     info("(total-peak reference/distill)", f"{ref['total_peak_mb'] / d['total_peak_mb']:.2f}x")
-    info("(step time reference/distill, cpu)", f"{ref['step_cpu_s'] / d['step_cpu_s']:.2f}x")
+    info(f"(step time reference/distill, {clock})", f"{ref[T] / d[T]:.2f}x")
     # online = distill + teacher, so the saving should equal the teacher's share; the
     # saving is a difference of two whole steps, so it is allowed their noise (5% of a step).
-    saved, share = on["step_cpu_s"] - d["step_cpu_s"], on["teacher_cpu_s"]
-    floor = (share - NOISE * d["step_cpu_s"]) / share
-    goal("3a time saved vs online / teacher's share (cpu)", f"{saved / share:.2f}", f">= {floor:.2f}",
+    saved, share = on[T] - d[T], on[TT]
+    floor = (share - NOISE * d[T]) / share
+    goal(f"3a time saved vs online / teacher's share ({clock})", f"{saved / share:.2f}", f">= {floor:.2f}",
          saved / share >= floor)
     info("(s/step: online - distill = saved; teacher)", f"{saved:.3f}; {share:.3f}")
     info("(step time online/distill, cpu | wall)",
          f"{on['step_cpu_s'] / d['step_cpu_s']:.2f}x | {on['step_s'] / d['step_s']:.2f}x")
     saved = on["total_peak_mb"] - d["total_peak_mb"]
-    share = on["teacher_rss_mb"] + max(0.0, on["step_peak_mb"] - d["step_peak_mb"])
+    share = on["teacher_mem_mb"] + max(0.0, on["step_peak_mb"] - d["step_peak_mb"])
     goal("3b total-peak saved vs online / teacher's share", f"{saved / share:.2f}", ">= 0.9", saved >= 0.9 * share)
     info("(MB: saved; teacher weights + step-peak diff)", f"{saved:.0f}; {share:.0f}")
     info("(total-peak online/distill)", f"{on['total_peak_mb'] / d['total_peak_mb']:.2f}x")
-    # demand: a step's samples over its faster (cpu) time, i.e. the higher demand
-    consume = BATCH / min(d["step_cpu_s"], d["step_s"])
+    # demand: a step's samples over its faster time (on CPU the cpu time), i.e. the higher demand
+    consume = BATCH / (min(d["step_cpu_s"], d["step_s"]) if cpu else d["step_s"])
     r = ld / consume
     goal("4  loader samples/s / distill step samples/s", f"{r:.0f}x", ">= 20x", r >= 20)
     info("(samples/s: loader; step consumes)", f"{ld:.0f}; {consume:.2f}")
@@ -530,11 +624,19 @@ def main():
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per worker (1: the per-step CPU time is then exact and robust to "
                          "other load on the machine)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: fp32, RSS peaks, CPU-time goals; cuda: bf16 autocast, CUDA allocator peaks, "
+                         "wall-time goals")
+    ap.add_argument("--hidden-size", type=int, default=HIDDEN, help=f"decoder width ({HIDDEN}; 7B students: 4096)")
+    ap.add_argument("--num-layers", type=int, default=LAYERS, help=f"decoder layers ({LAYERS}; > {LAYER})")
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.num_layers <= LAYER or args.hidden_size % 64:
+        ap.error(f"--num-layers must be > {LAYER} (the distilled layer) and --hidden-size a multiple of 64")
+    torch_device(args.device)  # refuse a missing GPU before the setup
     repeats = args.repeats or (1 if args.quick else 3)
     steps = args.steps or (2 if args.quick else 3)
     mem_steps = args.mem_steps or 1
@@ -543,12 +645,12 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
         work = Path(tmp)
         print(f"setup: random student, Zarr cache ({TEACHER}, P=196, {CACHE_SAMPLES} samples) ...", flush=True)
-        setup(work)
+        setup(work, args.hidden_size, args.num_layers)
         results = {c: [] for c in CONFIGS}
         for rep in range(repeats):
             order = CONFIGS[rep % len(CONFIGS):] + CONFIGS[:rep % len(CONFIGS)]
             for c in order:
-                r = spawn(c, work, steps, args.warmup, mem_steps, args.threads)
+                r = spawn(c, work, steps, args.warmup, mem_steps, args.threads, args.device)
                 results[c].append(r)
                 brief = (f"{r['samples_per_s']:.0f} samples/s" if c == "loader" else
                          f"step {r['step_s']:.3f} s wall, {r['step_cpu_s']:.3f} s cpu, step-peak "

@@ -2,7 +2,8 @@
 
 Defaults follow the reference recipe (METHOD.md): layer 20, alpha 1.0, beta 0.03,
 LoRA r 32 / alpha 16 / dropout 0.05 on the language model, lr 2e-4 cosine with 3%
-warmup, no weight decay, effective batch 32, max length 1024.
+warmup, no weight decay, effective batch 32, max length 1024, 9 epochs (the low end
+of the reference's 9-12).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class RunConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
-    epochs: float = 1.0
+    epochs: float = 9.0              # the reference trains 9-12 epochs
     max_steps: int | None = None     # optimiser steps; overrides epochs
     batch_size: int = 4              # per process, per micro-step
     grad_accum: int = 8              # effective batch = batch_size * grad_accum (reference: 32)

@@ -103,14 +103,35 @@ def encode(processor, record: Record, num_visual_tokens: int, max_length: int) -
     return Encoded(input_ids, labels, query_rows)
 
 
+def read_targets(group: TeacherGroup, key: str, need_sim: bool = True, need_attn: bool = True) -> dict:
+    """The stored targets of `key` that the run's losses use, and only those: without
+    L_vis the packed similarity (P(P-1)/2 fp16 values, ~P/4 times the size of the
+    attention map) is neither read nor decompressed.
+
+    TeacherGroup.native_packed reads both arrays; this reads the ones asked for through
+    the same row readers, after the same check that the row is done."""
+    row = group._done_row(key)  # CacheError naming the key and the fix when it has no targets
+    out = {}
+    if need_sim:
+        out["teacher_sim"] = torch.from_numpy(np.asarray(group._similarity.read(row, key)))
+    if need_attn:
+        out["teacher_attn"] = torch.from_numpy(np.asarray(group._attention.read(row, key)))
+    return out
+
+
 class DistillDataset(Dataset):
-    """One record -> one sample (its first image: LLaVA-style students take one)."""
+    """One record -> one sample (its first image: LLaVA-style students take one).
+
+    With a cache group, a sample carries the teacher targets the run needs
+    (need_sim: L_vis's similarity, need_attn: L_att's attention map)."""
 
     def __init__(self, records: list[Record], image_root, processor, num_visual_tokens: int,
-                 max_length: int, group: TeacherGroup | None, pad_to_square: bool):
+                 max_length: int, group: TeacherGroup | None, pad_to_square: bool, *,
+                 need_sim: bool = True, need_attn: bool = True):
         self.records, self.image_root, self.processor = records, image_root, processor
         self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
         self.group, self.pad_to_square = group, pad_to_square
+        self.need_sim, self.need_attn = need_sim, need_attn
         mean = getattr(processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
         self.pad_color = tuple(int(255 * m) for m in mean)  # as LLaVA: int(255 * mean)
 
@@ -137,9 +158,7 @@ class DistillDataset(Dataset):
         item = {"input_ids": enc.input_ids, "labels": enc.labels, "query_rows": enc.query_rows,
                 "pixel_values": pixels, "index": i}
         if self.group is not None:
-            sim, attn = self.group.native_packed(key)
-            item["teacher_sim"] = torch.from_numpy(np.asarray(sim))
-            item["teacher_attn"] = torch.from_numpy(np.asarray(attn))
+            item.update(read_targets(self.group, key, self.need_sim, self.need_attn))
         return item
 
 
@@ -175,9 +194,9 @@ def make_collate(pad_id: int, image_token_id: int, num_visual_tokens: int):
             "query_mask": query_mask,
             "index": torch.tensor([it["index"] for it in items]),
         }
-        if "teacher_sim" in items[0]:
-            batch["teacher_sim"] = torch.stack([it["teacher_sim"] for it in items])
-            batch["teacher_attn"] = torch.stack([it["teacher_attn"] for it in items])
+        for name in ("teacher_sim", "teacher_attn"):
+            if name in items[0]:
+                batch[name] = torch.stack([it[name] for it in items])
         return batch
 
     return collate

@@ -7,7 +7,7 @@ grid and are resized to the student's grid on the device. A run directory holds
 everything needed to read, resume or reuse the run:
 
     config.json  cache_metadata.json  versions.json  train.log  metrics.jsonl
-    checkpoints/step-0000100/   (adapter/, alignment/, optimizer.pt, scheduler.pt, rng.pt, state.json)
+    checkpoints/step-0000100/   (adapter/, alignment/, optimizer.pt, scheduler.pt, rng-RANK.pt, state.json)
     adapter/  alignment/        (final: plain peft format + the alignment transform)
     loss_curves.png
 """
@@ -141,9 +141,21 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------- preflight
 
-def preflight(config: RunConfig, records, group, student) -> list[str]:
-    """Everything that would make the run train on wrong or missing targets,
-    checked before step one. Returns warnings; raises RunError on problems."""
+# The target recipes (precompute.teachers.RECIPE of the builds) whose numbers these
+# losses were written for. Training may not import the teacher module to read the
+# constant, so it is repeated here; a test keeps the two in step. A new recipe means
+# new numbers: it must be added here deliberately, never trained on by accident.
+TRAINABLE_RECIPES = ("last_block_tokens+cls_attention/v1",)
+
+
+def preflight(config: RunConfig, records, group) -> list[str]:
+    """Everything that would make the run train on wrong or missing targets, checked
+    before step one and before the student is loaded (a 7B load takes minutes).
+    Returns warnings; raises RunError on problems.
+
+    What the cache cannot tell: whether an image changed after its target was built.
+    Targets are used as built; `medalign-cache verify` recomputes a few samples with
+    the teacher and compares (the run's log names the command)."""
     warnings = []
     unusable = [r.id for r in records if not r.turns]
     if unusable:
@@ -153,51 +165,109 @@ def preflight(config: RunConfig, records, group, student) -> list[str]:
     if multi:
         warnings.append(f"{multi} records name several images; the student sees the first of each "
                         f"(LLaVA-style students take one image)")
+    if group is None:
+        return warnings
+    _check_complete(config, records, group)
+    _check_recipe(group)
+    _check_padding(config, group)
+    return warnings + teacher_warnings(group)
+
+
+def check_student(config: RunConfig, student) -> None:
+    """The part of the preflight that needs the loaded student."""
     if student.num_layers <= config.layer:
         raise RunError(f"--layer {config.layer} needs a student with more than {config.layer} decoder "
                        f"layers; this one has {student.num_layers}")
-    if group is None:
-        return warnings
+
+
+def _check_complete(config: RunConfig, records, group) -> None:
     keys = sorted({r.images[0] for r in records})
     missing = group.missing(keys)
-    if missing:
-        shown = "\n  ".join(missing[:10])
-        failed = [k for k in missing if k in group and group.status(k) == "failed"]
-        failed_note = (f"{len(failed)} of them failed when the cache was built (reasons in "
-                       f"{group.path / 'failures.jsonl'}): fix those images or drop their records.\n"
-                       if failed else "")
-        raise RunError(
-            f"{len(missing)} of {len(keys)} training images have no finished target in cache group "
-            f"{group.name!r} ({group.path}):\n  {shown}{' ...' if len(missing) > 10 else ''}\n{failed_note}"
-            f"Run `{rebuild_command(config, group)}` (it resumes: only what is missing is computed).")
-    if group.metadata.get("recipe") is None:
-        raise RunError(f"cache group {group.name!r} has no target recipe in its metadata; rebuild it")
-    if group.metadata.get("random_init") or group.metadata.get("tiny"):
-        warnings.append(f"cache group {group.name!r} holds targets of a random-init or tiny teacher: "
-                        f"fine for tests and demos, meaningless for research")
-    return warnings
+    if not missing:
+        return
+    shown = "\n  ".join(missing[:10])
+    failed = [k for k in missing if k in group and group.status(k) == "failed"]
+    failed_note = (f"{len(failed)} of them failed when the cache was built (reasons in "
+                   f"{group.path / 'failures.jsonl'}): fix those images or drop their records.\n"
+                   if failed else "")
+    raise RunError(
+        f"{len(missing)} of {len(keys)} training images have no finished target in cache group "
+        f"{group.name!r} ({group.path}):\n  {shown}{' ...' if len(missing) > 10 else ''}\n{failed_note}"
+        f"Run `{rebuild_command(config, group)}` (it resumes: only what is missing is computed).")
+
+
+def _check_recipe(group) -> None:
+    recipe = group.metadata.get("recipe")
+    if recipe in TRAINABLE_RECIPES:
+        return
+    found = "no target recipe in its metadata" if recipe is None else f"target recipe {recipe!r}"
+    raise RunError(f"cache group {group.name!r} ({group.path}) has {found}; this medalign-distill trains on "
+                   f"{' or '.join(map(repr, TRAINABLE_RECIPES))} only. Build the targets with this version's "
+                   f"`medalign-cache build` into a new group (--group NAME), or train with the medalign "
+                   f"version that built these.")
+
+
+def cache_pads_to_square(group) -> bool:
+    """Whether the teacher saw its images padded to square (the student must see the same)."""
+    return bool((group.metadata.get("preprocessing") or {}).get("pad_to_square"))
+
+
+def _check_padding(config: RunConfig, group) -> None:
+    cached = cache_pads_to_square(group)
+    if config.pad_to_square is None or config.pad_to_square == cached:
+        return
+    flag = "--pad-to-square" if config.pad_to_square else "--no-pad-to-square"
+    raise RunError(f"{flag} (pad_to_square={config.pad_to_square}) disagrees with cache group {group.name!r}, "
+                   f"whose teacher saw its images {'padded' if cached else 'not padded'} to square "
+                   f"(preprocessing.pad_to_square={cached}): the targets would describe other pixels than the "
+                   f"student sees. Drop {flag} (the run follows the cache), or build the targets "
+                   f"{'without' if cached else 'with'} --pad-to-square into another group.")
+
+
+def teacher_warnings(group) -> list[str]:
+    """What the run's targets are worth, from how the teacher was built."""
+    md = group.metadata
+    if md.get("random_init"):
+        return [f"cache group {group.name!r} holds targets of a randomly initialised teacher (built with "
+                f"--random-init): fine for tests and demos, meaningless for research"]
+    if md.get("tiny"):  # trained tiny teachers are legitimate (examples/grounding trains one)
+        return [f"cache group {group.name!r} comes from the tiny teacher, a toy architecture "
+                f"(weights: {md.get('checkpoint') or 'unknown'})"]
+    return []
+
+
+def _teacher_args(group) -> list[str]:
+    """The flags that name a cache group's teacher to `medalign-cache`, from its metadata."""
+    md = group.metadata
+    teacher = md.get("teacher", group.name)
+    parts = [f"--teacher {teacher}"]
+    if md.get("random_init"):
+        parts.append(f"--random-init --seed {md.get('seed', 0)}")
+    else:
+        parts.append(f"--checkpoint {md.get('checkpoint') or 'CHECKPOINT'}")
+    if group.name != teacher.replace(":", "--").replace("/", "-"):
+        parts.append(f"--group {group.name}")
+    return parts
 
 
 def rebuild_command(config: RunConfig, group) -> str:
     """The `medalign-cache build` command that completes this run's targets, from the
     cache's own record of how the group was built."""
-    md = group.metadata
-    teacher = md.get("teacher", group.name)
-    parts = ["medalign-cache build", f"--teacher {teacher}"]
-    if md.get("random_init"):
-        parts.append(f"--random-init --seed {md.get('seed', 0)}")
-    else:
-        parts.append(f"--checkpoint {md.get('checkpoint') or 'CHECKPOINT'}")
-    parts += [f"--data {config.data}", f"--image-root {config.image_root}", f"--cache {config.cache}"]
+    parts = ["medalign-cache build", *_teacher_args(group),
+             f"--data {config.data}", f"--image-root {config.image_root}", f"--cache {config.cache}"]
     if config.format != "auto":
         parts.append(f"--format {config.format}")
     if config.split:
         parts.append(f"--split {config.split}")
-    if (md.get("preprocessing") or {}).get("pad_to_square"):
+    if cache_pads_to_square(group):
         parts.append("--pad-to-square")
-    if group.name != teacher.replace(":", "--").replace("/", "-"):
-        parts.append(f"--group {group.name}")
     return " ".join(parts)
+
+
+def verify_command(config: RunConfig, group) -> str:
+    """The `medalign-cache verify` command that spot-checks this run's targets against the images."""
+    return " ".join(["medalign-cache verify", f"--cache {config.cache}", *_teacher_args(group),
+                     f"--image-root {config.image_root}"])
 
 
 # ----------------------------------------------------------------------------- batches
@@ -252,18 +322,33 @@ def _trainable(model, transform):
     return params
 
 
-def save_checkpoint(out: Path, step: int, micro: int, model, transform, config, optimizer, scheduler,
+def rng_state() -> dict:
+    """Every random stream a training step draws from: LoRA dropout uses torch's CPU or
+    CUDA generator. (The sample order and the DataLoader have their own seeded generators;
+    nothing in a step uses Python's or numpy's.)"""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, transform, config, optimizer, scheduler, rng: dict,
                     dist: Dist = Dist()):
-    """Rank 0 writes the (replicated) weights and optimiser; every rank its own RNG."""
+    """The state at the end of optimiser step `step`. Rank 0 writes the (replicated)
+    weights and optimiser; every rank its own `rng`, the RNG state at the end of that
+    step (not the current one: a step interrupted mid-forward has drawn dropout masks)."""
     final = out / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / f"rng-{dist.rank}.pt")
     if dist.main:
         model.save_pretrained(tmp / "adapter")
@@ -271,7 +356,8 @@ def save_checkpoint(out: Path, step: int, micro: int, model, transform, config, 
             save_alignment(transform, tmp / "alignment", layer=config.layer)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "micro_step": micro, "world": dist.world}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "micro_step": step * config.grad_accum,
+                                                    "world": dist.world}))
     dist.barrier()
     if dist.main:
         tmp.rename(final)  # a checkpoint directory exists only once complete
@@ -281,11 +367,21 @@ def save_checkpoint(out: Path, step: int, micro: int, model, transform, config, 
     dist.barrier()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Steps logged after the checkpoint are redone by the resumed run: drop them."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of steps 1..step: a resumed run redoes the steps after its
+    checkpoint (all of them without one), so each step is in metrics.jsonl once.
+    A half-written last line (the process killed mid-write) goes too."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row["step"] <= step:
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -293,7 +389,8 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler, dist: Dist = Dist()) -> tuple[int, int]:
+def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler, dist: Dist = Dist()) -> int:
+    """Restores what save_checkpoint wrote, RNG included; returns the step."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -306,11 +403,8 @@ def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler, dist: Di
     if state.get("world", 1) != dist.world:
         raise RunError(f"{ckpt} was written by {state.get('world', 1)} processes; resume with the same number "
                        f"(now {dist.world}) so every rank continues its own sample stream")
-    rng = torch.load(ckpt / f"rng-{dist.rank}.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"], state["micro_step"]
+    set_rng_state(torch.load(ckpt / f"rng-{dist.rank}.pt", weights_only=True))
+    return state["step"]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -339,9 +433,17 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     torch.manual_seed(config.seed)  # the same initial LoRA weights on every rank
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
-    # ---- data, cache, student
+    # ---- data and cache, checked before the (slow) student load
     records = load_records(config.data, config.image_root, fmt=config.format, split=config.split)
     group = open_cache(config.cache)[config.teacher] if config.distill else None
+    notes = preflight(config, records, group)  # every rank checks; one tells
+    for w in notes if dist.main else ():
+        log.warning(w)
+        tqdm.write(f"warning: {w}")
+    if group is not None:
+        log.info("targets are used as built; if images changed after the cache build, spot-check them with "
+                 "`%s`", verify_command(config, group))
+    # ---- student
     student_path = config.student
     if student_path == "tiny":
         student_path = out / "tiny-student"
@@ -350,19 +452,16 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         dist.barrier()
     student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32,
                            device=str(device), chat_template=config.chat_template)
-    for w in preflight(config, records, group, student):
-        log.warning(w)
-        if dist.main:
-            tqdm.write(f"warning: {w}")
+    check_student(config, student)
     if dist.main:  # only a run that passed its preflight is a run (a refused one can simply be rerun)
         config.save(out / "config.json")
         (out / "versions.json").write_text(json.dumps({**_versions(), "world_size": dist.world}, indent=2) + "\n")
     native_grid = group.native_grid if group is not None else None
     if group is not None and dist.main:
         (out / "cache_metadata.json").write_text(json.dumps(group.metadata, indent=2, default=str) + "\n")
-    pad = config.pad_to_square
+    pad = config.pad_to_square  # the preflight has refused one that disagrees with the cache
     if pad is None:
-        pad = bool(group.metadata.get("preprocessing", {}).get("pad_to_square")) if group else False
+        pad = cache_pads_to_square(group) if group is not None else False
 
     apply_lora(student, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                target_modules=list(config.lora_targets) if config.lora_targets else None)
@@ -375,16 +474,12 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     use_ckpt = config.gradient_checkpointing if config.gradient_checkpointing is not None \
         else device.type == "cuda"
     if use_ckpt:
-        # Non-reentrant: the reentrant variant silently drops the attention loss's gradient.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_gradient_checkpointing(model)
     model.train()
 
+    # A removed loss costs nothing: its target is never read from the cache.
     dataset = DistillDataset(records, config.image_root, student.processor, student.num_visual_tokens,
-                             config.max_length, group, pad)
+                             config.max_length, group, pad, need_sim=config.alpha > 0, need_attn=config.beta > 0)
     pad_id = student.processor.tokenizer.pad_token_id
     collate = make_collate(pad_id if pad_id is not None else 0, student.image_token_id,
                            student.num_visual_tokens)
@@ -399,16 +494,19 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps),
                                                 total_steps)
-    step, micro = 0, 0
+    step = 0
     if config.resume and (ckpt := latest_checkpoint(out)) is not None:
-        step, micro = load_checkpoint(ckpt, model, transform, optimizer, scheduler, dist)
-        if dist.main:
-            _truncate_metrics(out / "metrics.jsonl", step)
+        step = load_checkpoint(ckpt, model, transform, optimizer, scheduler, dist)
         log.info("resumed from %s at step %d", ckpt, step)
+    elif config.resume:
+        log.info("no checkpoint in %s: starting again at step 0", out / "checkpoints")
+    if dist.main:
+        truncate_metrics(out / "metrics.jsonl", step)
     log.info("run %s: %d samples, %d optimiser steps, effective batch %d (%d processes), student grid %d, %s, "
-             "device %s", out, len(dataset), total_steps, config.batch_size * config.grad_accum * dist.world,
-             dist.world, student.grid, "distill (alpha=%g, beta=%g, layer %d)" % (config.alpha, config.beta,
-             config.layer) if config.distill else "plain LoRA", device)
+             "device %s, gradient checkpointing %s", out, len(dataset), total_steps,
+             config.batch_size * config.grad_accum * dist.world, dist.world, student.grid,
+             "distill (alpha=%g, beta=%g, layer %d)" % (config.alpha, config.beta, config.layer)
+             if config.distill else "plain LoRA", device, "on" if use_ckpt else "off")
 
     def forward_losses(batch, n_tokens: float, n_samples: float):
         """One micro-batch: its share of the step's losses, normalised by the step's
@@ -439,16 +537,20 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         loss.backward()
         return {k: v.item() for k, v in sums.items()}
 
-    stream = batch_stream(dataset, collate, config, micro, pin=device.type == "cuda", dist=dist)
+    stream = batch_stream(dataset, collate, config, step * config.grad_accum, pin=device.type == "cuda", dist=dist)
     metrics_file = (out / "metrics.jsonl").open("a") if dist.main else None
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     saved = step
+    # The state at the end of the last finished step is what a crash checkpoint holds.
+    # Weights, optimiser and scheduler change only in the update at a step's end; the
+    # RNG changes all through the forward (dropout), so its end-of-step state is kept.
+    committed_rng = rng_state()
+    updating = False  # from the optimiser update until the step is recorded
     try:
         while step < total_steps:
             t0 = time.perf_counter()
             batches = [next(stream) for _ in range(config.grad_accum)]
-            micro += config.grad_accum
             mine = [b for b in batches if b is not None]
             broken = [e for b in mine for e in b.get("errors", ())]
             if broken:
@@ -463,6 +565,7 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
                     sums[k] += v
             all_reduce_grads(params, dist)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            updating = True
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -481,13 +584,14 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
             if dist.main:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                if step % config.log_every == 0 or step == total_steps:
-                    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in record.items()))
+            committed_rng = rng_state()
+            updating = False
+            if dist.main and (step % config.log_every == 0 or step == total_steps):
+                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{n_seen / dt:.0f}")
             if step % config.save_every == 0 and step < total_steps:
-                save_checkpoint(out, step, micro, model, transform, config, optimizer, scheduler, dist)
+                save_checkpoint(out, step, model, transform, config, optimizer, scheduler, committed_rng, dist)
                 saved = step
     except (Exception, KeyboardInterrupt) as e:
         # Nothing computed is lost: keep the last finished step, then say how to go on.
@@ -495,13 +599,18 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
-        if step > saved and dist.world == 1:
-            save_checkpoint(out, step, step * config.grad_accum, model, transform, config, optimizer, scheduler)
+        if step > saved and dist.world == 1 and not updating:
+            save_checkpoint(out, step, model, transform, config, optimizer, scheduler, committed_rng)
+            saved = step
+        elif updating:  # stopped inside an update: weights and records may disagree, so keep the last checkpoint
+            log.error("stopped during the update of step %d: not checkpointed; a resume continues from step %d",
+                      step, saved)
         log.error("stopped at step %d: %s", step, e)
         if isinstance(e, KeyboardInterrupt):
             raise
-        raise RunError(f"training stopped at step {step}: {e}\nProgress is saved in {out / 'checkpoints'}; "
-                       f"fix the cause and rerun the same command with --resume.") from e
+        kept = f"Progress up to step {saved} is saved in {out / 'checkpoints'}" if saved else "No step had finished"
+        raise RunError(f"training stopped at step {step}: {e}\n{kept}; fix the cause and rerun the same command "
+                       f"with --resume.") from e
     bar.close()
     if dist.main:
         metrics_file.close()
@@ -512,6 +621,17 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         log.info("done: adapter in %s", out / "adapter")
     dist.barrier()
     return TrainResult(out, student, transform, tap)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing: the reentrant variant runs the layers
+    without autograd, so the attention the tap captures inside layer l is a constant
+    and L_att silently trains nothing (tests/test_student.py shows it)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def plot_loss_curves(metrics_path: Path, png: Path) -> None:
