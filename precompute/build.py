@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .cache import CacheError, GroupWriter, open_cache
+from .cache import CacheError, GroupWriter, cache_location, open_cache
 from .datasets import cache_keys, load_records, resolve_image
 from .images import ImageError, expand2square, load_image
 from .targets import pack_upper, patch_similarity
@@ -38,7 +38,7 @@ class BuildError(RuntimeError):
 @dataclass(frozen=True)
 class BuildConfig:
     teacher: str
-    cache: Path
+    cache: Path | str                 # a local folder, or an fsspec URL as a str (cache_schema.md)
     image_root: Path
     data: Path | None = None          # None: every image under image_root
     checkpoint: Path | None = None
@@ -68,6 +68,7 @@ class BuildConfig:
             raise ValueError("give either a checkpoint or random_init, not both")
         if not Path(self.image_root).is_dir():
             raise ValueError(f"image root {self.image_root} is not a directory")
+        cache_location(self.cache)  # a URL nobody can open is refused now, not after the teacher loads
 
 
 @dataclass
@@ -116,7 +117,7 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"--part must look like i/n (e.g. 0/4), got {text!r}") from None
+        raise ValueError(f"--part/--shard must look like i/n (e.g. 0/4), got {text!r}") from None
     return i, n
 
 
@@ -209,7 +210,8 @@ def build_cache(config: BuildConfig, progress: bool = True) -> BuildReport:
     metadata["preprocessing"] = {**metadata["preprocessing"], "pad_to_square": config.pad_to_square}
     group = config.group or default_group_name(teacher.spec.name)
     writer = GroupWriter.open(config.cache, group, keys, teacher.num_patches, metadata,
-                              shard_size=config.shard_size)
+                              shard_size=config.shard_size, part=config.part,
+                              image_root=str(Path(config.image_root).resolve()))
     report = BuildReport(group=group, total=len(keys))  # this dataset's images, not the whole group
     # LLaVA-Med pads with the image mean so padding looks like "nothing" after normalisation.
     pad_color = tuple(int(255 * m) for m in teacher.mean)
@@ -286,11 +288,16 @@ class VerifyReport:
 VERIFY_ATOL = 2e-3
 
 
-def verify_cache(cache_path: Path, teacher_name: str, image_root: Path, checkpoint: Path | None = None,
-                 random_init: bool = False, samples: int = 8, seed: int = 0, device: str = "cpu",
+def verify_cache(cache_path, teacher_name: str, image_root: Path | None = None, checkpoint: Path | None = None,
+                 random_init: bool = False, samples: int = 8, seed: int | None = None, device: str = "cpu",
                  group: str | None = None) -> VerifyReport:
-    """Recompute a random subset of done samples and compare; check completeness and metadata."""
+    """Recompute a random subset of done samples and compare; check completeness and metadata.
+
+    What is not given comes from the group's metadata, i.e. from the build that made it:
+    image_root (the last build's), the checkpoint (or random init and its seed)."""
     g = open_cache(cache_path)[group or default_group_name(teacher_name)]
+    image_root = _recorded_image_root(g) if image_root is None else Path(image_root)
+    checkpoint, random_init, seed = _recorded_teacher(g, checkpoint, random_init, seed)
     keys = g.keys()
     status = [g.status(k) for k in keys]
     report = VerifyReport(group=g.name, total=len(keys), done=status.count("done"),
@@ -326,6 +333,34 @@ def verify_cache(cache_path: Path, teacher_name: str, image_root: Path, checkpoi
                                    f"(> {VERIFY_ATOL:.0e}): the image changed or the cache is stale; "
                                    f"rebuild this group")
     return report
+
+
+def _recorded_image_root(g) -> Path:
+    """The image folder of the group's last build (its `image_root` attribute)."""
+    root = g.metadata.get("image_root")
+    if root is None:
+        raise CacheError(f"cache group {g.name!r} ({g.path}) does not record its image folder (built by an older "
+                         f"medalign); pass --image-root")
+    if not Path(root).is_dir():
+        raise CacheError(f"cache group {g.name!r} was last built from images under {root}, which no longer "
+                         f"exists; pass --image-root <the folder its keys are relative to>")
+    return Path(root)
+
+
+def _recorded_teacher(g, checkpoint, random_init: bool, seed: int | None):
+    """(checkpoint, random_init, seed) for verify: what was given, else what built the group."""
+    md = g.metadata
+    if checkpoint is None and not random_init:
+        if md.get("random_init"):
+            random_init = True
+        elif md.get("checkpoint"):
+            checkpoint = Path(md["checkpoint"])
+            if not checkpoint.exists():
+                raise CacheError(f"cache group {g.name!r} was built from checkpoint {checkpoint}, which no longer "
+                                 f"exists; pass --checkpoint <the same weights>")
+    if seed is None:
+        seed = md.get("seed") if random_init and md.get("seed") is not None else 0
+    return checkpoint, random_init, seed
 
 
 __all__ = ["BuildConfig", "BuildError", "BuildReport", "build_cache", "verify_cache", "VerifyReport",

@@ -14,15 +14,21 @@ cache_schema.md is the full description (enough to read a cache with plain zarr 
 Writes go through zarr-python (that is what makes the store a standard Zarr store).
 Reads do not: zarr-python spends milliseconds per single-row read, so `_RowReader`
 parses the shard index itself and reads a row with one pread + one blosc decode.
+
+A cache is a local folder (a Path: locks, fsync, atomic renames, the pread fast path)
+or an fsspec URL such as memory:// or s3:// (a `_Url`: the same few Path methods over
+fsspec, range reads instead of pread, no locks; cache_schema.md, "Caches at URLs").
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
 import os
 import re
 import threading
+import time
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -56,6 +62,14 @@ GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_UINT64 = np.uint64(2**64 - 1)
 
 
+# On a URL cache (no locks) parts other than part 0 wait this long for part 0 to create
+# or extend the group (see GroupWriter.open).
+URL_PART_WAIT_S = 600.0
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# What pathlib makes of a URL ("s3://b/x" -> "s3:/b/x"): never a folder anyone meant.
+_MANGLED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")
+
+
 class CacheError(RuntimeError):
     """Every user-facing cache problem; the message names the path or key and the fix."""
 
@@ -79,21 +93,183 @@ def _json_normal(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CacheError(f"cannot read {path}: {e}") from e
 
 
+def writer_versions() -> dict:
+    """Versions of what wrote the store (group attribute `versions`, with the teacher's)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        medalign = version("medalign")
+    except PackageNotFoundError:
+        medalign = "unknown (not installed)"
+    return {"zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "numpy": np.__version__,
+            "medalign": medalign}
+
+
+# ----------------------------------------------------------------------------- where
+
+class _Url:
+    """The few pathlib.Path methods the cache uses, over an fsspec URL (memory://, s3://...).
+
+    str() is the URL: what zarr-python opens (it makes an FsspecStore of it) and what
+    messages show. Local folders never become a _Url (see cache_location)."""
+
+    def __init__(self, fs, fspath: str):
+        self.fs, self.fspath = fs, fspath.rstrip("/")
+
+    def __truediv__(self, name: str) -> "_Url":
+        return _Url(self.fs, f"{self.fspath}/{name}")
+
+    def __str__(self):
+        return self.fs.unstrip_protocol(self.fspath)
+
+    def __repr__(self):
+        return f"_Url({str(self)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.fspath.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "_Url":
+        return _Url(self.fs, self.fspath.rsplit("/", 1)[0])
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.fspath)
+
+    def is_file(self) -> bool:
+        return self.fs.isfile(self.fspath)
+
+    def is_dir(self) -> bool:
+        return self.fs.isdir(self.fspath)
+
+    def iterdir(self) -> Iterator["_Url"]:
+        return (_Url(self.fs, p) for p in self.fs.ls(self.fspath, detail=False))
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False):
+        pass  # object stores have no folders: a prefix exists once a file is under it
+
+    def read_text(self) -> str:
+        return self.fs.cat_file(self.fspath).decode()
+
+    def append_text(self, text: str):
+        # Object stores cannot append: rewrite the (small) file whole.
+        old = self.fs.cat_file(self.fspath) if self.fs.exists(self.fspath) else b""
+        self.fs.pipe_file(self.fspath, old + text.encode())
+
+
+def cache_location(path) -> "Path | _Url":
+    """What --cache names: a local folder (Path; file:// URLs too) or another fsspec URL.
+
+    A URL fsspec cannot open (unknown scheme, its package not installed) is refused here,
+    before any work, and so is a URL that went through pathlib.Path: it would otherwise
+    become a local folder named like the URL ("./s3:/bucket/x")."""
+    if isinstance(path, _Url):
+        return path
+    text = os.fspath(path)
+    if isinstance(path, Path) and _MANGLED_URL.match(text):
+        meant = _MANGLED_URL.sub(lambda m: m[0] + "/", text)
+        raise CacheError(f"cache path {text!r} looks like a URL that went through pathlib.Path (which folds "
+                         f"'//' into '/'); pass the URL as a string, e.g. {meant!r}")
+    if not _URL.match(text):
+        return Path(text).expanduser()
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+    try:
+        fs, fspath = fsspec.core.url_to_fs(text)
+    except (ImportError, ValueError) as e:
+        raise CacheError(f"cannot use cache URL {text!r}: {e}. --cache takes a local folder or an fsspec URL "
+                         f"whose package is installed (tested: memory://, file://; see cache_schema.md, "
+                         f"\"Caches at URLs\")") from None
+    if isinstance(fs, LocalFileSystem):
+        return Path(fspath)  # file://: the local folder, with its locks and the fast reader
+    return _Url(fs, fspath)
+
+
+def _is_local(path) -> bool:
+    return isinstance(path, Path)
+
+
+# ----------------------------------------------------------------------------- os errors
+
+_IO_HINTS = {  # what to do; the error itself (strerror) is in the message already
+    errno.ENOSPC: "free space or put --cache on another disk; finished shards are kept and rerunning the same "
+                  "command resumes",
+    errno.EDQUOT: "free space or put --cache elsewhere; finished shards are kept and rerunning the same command "
+                  "resumes",
+    errno.EACCES: "make it writable (and readable) for this user, or choose another --cache",
+    errno.EPERM: "make it writable for this user, or choose another --cache",
+    errno.EROFS: "choose another --cache",
+}
+# flock() on file systems mounted without lock support (Lustre without -o flock, some NFS)
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+def _io_error(e: OSError, doing: str, path) -> CacheError:
+    """One line naming the file, the error and what to do."""
+    hint = _IO_HINTS.get(e.errno, "check the file system (and the cache's files), then rerun; finished rows "
+                                  "are kept")
+    return CacheError(f"cannot {doing} {e.filename or path}: {e.strerror or e}; {hint}")
+
+
+@contextmanager
+def _os_errors(doing: str, path):
+    """OSError -> CacheError (`_io_error`)."""
+    try:
+        yield
+    except CacheError:
+        raise
+    except OSError as e:
+        raise _io_error(e, doing, path) from e
+
+
+def _fsync(paths):
+    """fsync files and folders (local only), so a commit that follows never vouches for
+    bytes still in the page cache. Missing paths are skipped (an all-failed shard has
+    no data file)."""
+    for p in dict.fromkeys(paths):  # ordered, unique: a folder shared by files is synced once
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _with_parents(files, top: Path) -> list[Path]:
+    """The files, then every folder from theirs up to `top`: a renamed-in file is only
+    durable once the folder entries leading to it are."""
+    out = list(files)
+    for f in files:
+        d = f.parent
+        while True:
+            out.append(d)
+            if d == top or d == d.parent:
+                break
+            d = d.parent
+    return out
+
+
 # ----------------------------------------------------------------------------- lock
 
 @contextmanager
-def _flock(lock_path: Path, what: str, shared: bool = False, blocking: bool = False):
+def _flock(lock_path, what: str, shared: bool = False, blocking: bool = False):
     """flock on `lock_path`: exclusive (a whole build) or shared (one part of a build split
     into parts, which write disjoint shards); non-blocking unless asked. An exclusive
-    holder writes its pid in the file for the message."""
-    f = open(lock_path, "a+")
+    holder writes its pid in the file for the message. A URL cache has no locks: this
+    then does nothing (cache_schema.md, "Caches at URLs")."""
+    if not _is_local(lock_path):
+        yield
+        return
+    with _os_errors("open the lock file", lock_path):
+        f = open(lock_path, "a+")
     try:
         try:
             fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
@@ -103,16 +279,25 @@ def _flock(lock_path: Path, what: str, shared: bool = False, blocking: bool = Fa
             raise CacheLockedError(
                 f"another build is writing {what} (pid {holder}, lock {lock_path}); wait for it to finish, "
                 f"or stop it (its finished rows are kept) and rerun") from None
+        except OSError as e:
+            if e.errno in _NO_LOCKS:
+                raise CacheError(
+                    f"the file system holding {lock_path} does not support file locks (flock: {e.strerror}), "
+                    f"which keep two builds from writing one group; mount it with locking (Lustre: -o flock; "
+                    f"NFS: with a lock manager), or build on a local disk and copy the finished cache") from None
+            raise _io_error(e, "lock", lock_path) from e
         if not shared:
-            f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
+            with _os_errors("write the lock file", lock_path):
+                f.seek(0)
+                f.truncate()
+                f.write(str(os.getpid()))
+                f.flush()
         try:
             yield
         finally:
             if not shared:
-                f.truncate(0)
+                with contextlib.suppress(OSError):  # a full disk must not hide the real error
+                    f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)
     finally:
         f.close()
@@ -120,7 +305,36 @@ def _flock(lock_path: Path, what: str, shared: bool = False, blocking: bool = Fa
 
 # ----------------------------------------------------------------------------- writer
 
-def _create_arrays(gpath: Path, n: int, num_patches: int, shard_size: int):
+_SHARDED = ("similarity", "attention", "status")
+
+
+def _shard_of(parts: tuple[str, ...]) -> int | None:
+    """The shard a file under a group folder belongs to, from its path parts:
+    similarity|attention/c/<s>/0 and status/c/<s> (status has one chunk per shard), and
+    their temp files (<name>.<hex>.partial). None for keys and metadata files."""
+    if len(parts) >= 3 and parts[0] in _SHARDED and parts[1] == "c":
+        head = parts[2].split(".", 1)[0]
+        if head.isdigit():
+            return int(head)
+    return None
+
+
+def _remove_partials(gpath, owned) -> int:
+    """Delete the temp files (*.partial) zarr's LocalStore leaves when killed mid-write,
+    those whose owner (`_shard_of`: a shard number, or None) `owned` accepts. The caller
+    holds the lock that excludes every live writer of those files. URL stores write no
+    temp files (an object PUT is atomic)."""
+    if not _is_local(gpath):
+        return 0
+    gone = 0
+    for p in gpath.rglob("*.partial"):
+        if owned(_shard_of(p.relative_to(gpath).parts)):
+            p.unlink(missing_ok=True)
+            gone += 1
+    return gone
+
+
+def _create_arrays(gpath, n: int, num_patches: int, shard_size: int):
     M, P = packed_size(num_patches), num_patches
     # One chunk per sample (the unit a reader fetches), many chunks per shard file
     # (the unit the file system sees). NaN fill: a row never written reads as NaN.
@@ -133,11 +347,47 @@ def _create_arrays(gpath: Path, n: int, num_patches: int, shard_size: int):
     # rows rewrites exactly one small file.
     zarr.create_array(store=str(gpath / "status"), shape=(n,), chunks=(shard_size,), dtype="uint8",
                       fill_value=PENDING, compressors=None, overwrite=True)
-    zarr.create_array(store=str(gpath / "keys"), shape=(n,), chunks=(min(max(n, 1), KEYS_CHUNK),),
-                      dtype=str, overwrite=True)
+    # A fixed chunk whatever the first build's size: appends then add rows to the last
+    # chunk instead of one file per few keys.
+    zarr.create_array(store=str(gpath / "keys"), shape=(n,), chunks=(KEYS_CHUNK,), dtype=str, overwrite=True)
 
 
-def _open_root(cache_path: Path) -> None:
+def _write_keys(keys, lo: int, names: list[str]):
+    """keys[lo:lo+len(names)] = names, one chunk at a time in ascending order. A crash
+    then leaves a prefix of `names` stored and only empty keys after it (see
+    `_committed_keys`); zarr writes the chunks of one slice in any order."""
+    chunk = keys.chunks[0]  # groups created before KEYS_CHUNK was fixed may have another
+    start, hi = lo, lo + len(names)
+    while start < hi:
+        end = min(hi, (start // chunk + 1) * chunk)
+        keys[start:end] = np.array(names[start - lo:end - lo], dtype=object)
+        start = end
+
+
+def _committed_keys(gpath) -> list[str]:
+    """The group's keys: `keys` up to its first empty entry.
+
+    Keys are never empty, so an empty one is a row an interrupted append made (keys are
+    resized, then named) but never named: it and every row after it are unused, and the
+    next append reuses them. The other arrays may be longer still; keys decide."""
+    keys = zarr.open_array(str(gpath / "keys"), mode="r")[:].tolist()
+    try:
+        return keys[:keys.index("")]
+    except ValueError:
+        return keys
+
+
+def _sync_metadata(gpath):
+    """fsync what creating or extending a group writes besides data: the zarr.json files
+    and the keys chunks, and the folders leading to them (local caches only)."""
+    if not _is_local(gpath):
+        return
+    files = [gpath.parent / "zarr.json", gpath / "zarr.json", *gpath.glob("*/zarr.json"),
+             *(p for p in (gpath / "keys").rglob("*") if p.is_file())]
+    _fsync(_with_parents(files, gpath.parent))
+
+
+def _open_root(cache_path) -> None:
     """Create the root group, or check that an existing one is a medalign cache."""
     meta = cache_path / "zarr.json"
     if meta.exists():
@@ -150,13 +400,75 @@ def _open_root(cache_path: Path) -> None:
     zarr.create_group(store=str(cache_path), attributes={ROOT_ATTR: SCHEMA_VERSION}, overwrite=False)
 
 
+def _existing_attrs(gpath, metadata: dict, num_patches: int, shard_size: int | None) -> dict:
+    """The attributes of an existing group, checked against the build about to write it."""
+    attrs = _read_json(gpath / "zarr.json").get("attributes", {})
+    _check_group_schema(gpath, attrs)
+    _check_identity(gpath, attrs, {**metadata, "num_patches": num_patches})
+    if shard_size is not None and shard_size != attrs["shard_size"]:
+        raise CacheError(f"cache group {gpath} was created with shard size {attrs['shard_size']}; "
+                         f"rerun with --shard-size {attrs['shard_size']} or without --shard-size")
+    return attrs
+
+
+def _create_group(gpath, keys: list[str], attrs: dict, num_patches: int, shard_size: int | None):
+    shard_size = default_shard_size(num_patches) if shard_size is None else int(shard_size)
+    if shard_size < 1:
+        raise CacheError(f"shard size must be positive, got {shard_size}")
+    # Arrays first, group zarr.json last: the group only exists once complete, so a
+    # crash here just means the next run creates it again.
+    _create_arrays(gpath, len(keys), num_patches, shard_size)
+    _write_keys(zarr.open_array(str(gpath / "keys"), mode="r+"), 0, keys)
+    _sync_metadata(gpath)
+    attrs = {**attrs, "versions": {**attrs.get("versions", {}), **writer_versions()},
+             "schema_version": SCHEMA_VERSION, "shard_size": shard_size, "num_patches": num_patches}
+    zarr.create_group(store=str(gpath), attributes=attrs, overwrite=False)
+    _sync_metadata(gpath)
+
+
+def _append(gpath, n_old: int, new: list[str]):
+    """Rows n_old.. for the `new` keys, pending. The keys are written last and in order,
+    so a crash anywhere leaves the group as it was plus (maybe) a prefix of the new keys,
+    all pending; `_committed_keys` ignores the rest and the next run appends it again."""
+    n = n_old + len(new)
+    for name in ("similarity", "attention"):
+        arr = zarr.open_array(str(gpath / name), mode="r+")
+        arr.resize((n, arr.shape[1]))
+    status = zarr.open_array(str(gpath / "status"), mode="r+")
+    status.resize((n,))
+    status[n_old:n] = PENDING
+    keys = zarr.open_array(str(gpath / "keys"), mode="r+")
+    keys.resize((n,))
+    _write_keys(keys, n_old, new)
+    _sync_metadata(gpath)
+
+
+def _wait_for_part_zero(gpath, keys: list[str], metadata: dict, num_patches: int, shard_size: int | None,
+                        part: tuple[int, int]) -> list[str]:
+    """On a URL cache there is no lock to decide which of several parts starting together
+    creates (or extends) the group, so part 0 does and the others wait for it: until the
+    group exists and holds all of their keys."""
+    deadline = time.monotonic() + URL_PART_WAIT_S
+    while True:
+        if (gpath / "zarr.json").exists():
+            _existing_attrs(gpath, metadata, num_patches, shard_size)
+            all_keys = _committed_keys(gpath)
+            if not set(keys).difference(all_keys):
+                return all_keys
+        if time.monotonic() >= deadline:
+            raise CacheError(
+                f"part {part[0]}/{part[1]} waited {URL_PART_WAIT_S:.0f} s for part 0 to create or extend group "
+                f"{gpath}: on a URL cache (no locks) only part 0 does that; start part 0 with the same command")
+        time.sleep(min(1.0, URL_PART_WAIT_S / 10))
+
+
 class GroupWriter:
     """Creates or extends one teacher group and writes rows into it (used by build.py).
 
     Call `write_rows` and `clean_partials` inside `with writer.lock():`.
     """
 
-    def __init__(self, cache_path: Path, group: str, keys: list[str], requested: np.ndarray):
+    def __init__(self, cache_path, group: str, keys: list[str], requested: np.ndarray, last_build: dict):
         self.cache_path, self.group = cache_path, group
         self.path = cache_path / group
         attrs = _read_json(self.path / "zarr.json")["attributes"]
@@ -168,16 +480,23 @@ class GroupWriter:
         self._status = zarr.open_array(str(self.path / "status"), mode="r+")
         self._similarity = zarr.open_array(str(self.path / "similarity"), mode="r+")
         self._attention = zarr.open_array(str(self.path / "attention"), mode="r+")
+        self._last_build = last_build
         self._locked, self._part = False, None
 
     @classmethod
     def open(cls, cache_path, group: str, keys: Sequence[str], num_patches: int, metadata: dict,
-             shard_size: int | None = None) -> "GroupWriter":
+             shard_size: int | None = None, *, part: tuple[int, int] | None = None,
+             image_root: str | None = None) -> "GroupWriter":
         """Create `group` for `keys`, or extend an existing group built by the same teacher.
 
         Existing keys keep their row and their results; new keys are appended as pending.
+        image_root: the build's image folder, stored as the group's `image_root` once the
+        writer holds its lock (not an identity field: the last build's; `verify` defaults
+        to it).
+        part: the (i, n) this writer will lock; on a URL cache only part 0 creates or
+        extends the group and the others wait for it (`_wait_for_part_zero`).
         """
-        cache_path = Path(cache_path)
+        cache_path = cache_location(cache_path)
         keys = list(keys)
         if not GROUP_NAME.match(group or ""):
             raise CacheError(f"group name {group!r} is not usable as a folder name in {cache_path}; "
@@ -193,58 +512,41 @@ class GroupWriter:
             raise CacheError(f"metadata says {metadata['num_patches']} patches but num_patches={num_patches}")
         if math.isqrt(num_patches) ** 2 != num_patches or num_patches < 2:
             raise CacheError(f"num_patches={num_patches} is not a square patch grid")
+        last_build = {} if image_root is None else {"image_root": str(image_root)}
 
-        _open_root(cache_path)
         gpath = cache_path / group
-        gpath.mkdir(exist_ok=True)
-        # Deciding "create or append" happens under a short blocking lock, so builds (or
-        # the parts of one build) starting together cannot both create the group; the
-        # parts of one build then find it created, with the same keys.
-        with _flock(gpath / "create.lock", f"group {group!r} of cache {cache_path}", blocking=True):
-            if (gpath / "zarr.json").exists():
-                attrs = _read_json(gpath / "zarr.json").get("attributes", {})
-                _check_group_schema(gpath, attrs)
-                _check_identity(gpath, attrs, {**metadata, "num_patches": num_patches})
-                if shard_size is not None and shard_size != attrs["shard_size"]:
-                    raise CacheError(f"cache group {gpath} was created with shard size {attrs['shard_size']}; "
-                                     f"rerun with --shard-size {attrs['shard_size']} or without --shard-size")
-                old = zarr.open_array(str(gpath / "keys"), mode="r")[:].tolist()
-                known = set(old)
-                new = [k for k in keys if k not in known]
-                if new:  # resizing must not race a running build's writes
-                    with _flock(gpath / "build.lock", f"group {group!r} of cache {cache_path}"):
-                        cls._append(gpath, len(old), new)
-                all_keys = old + new
+        with _os_errors("create or open cache group", gpath):
+            _open_root(cache_path)
+            gpath.mkdir(exist_ok=True)
+            if not _is_local(gpath) and part is not None and part[0] != 0:
+                all_keys = _wait_for_part_zero(gpath, keys, metadata, num_patches, shard_size, part)
             else:
-                shard_size = default_shard_size(num_patches) if shard_size is None else int(shard_size)
-                if shard_size < 1:
-                    raise CacheError(f"shard size must be positive, got {shard_size}")
-                # Arrays first, group zarr.json last: the group only exists once complete,
-                # so a crash here just means the next run creates it again.
-                _create_arrays(gpath, len(keys), num_patches, shard_size)
-                if keys:
-                    zarr.open_array(str(gpath / "keys"), mode="r+")[:] = np.array(keys, dtype=object)
-                attrs = {**metadata, "schema_version": SCHEMA_VERSION, "shard_size": shard_size,
-                         "num_patches": num_patches}
-                zarr.create_group(store=str(gpath), attributes=attrs, overwrite=False)
-                all_keys = keys
+                # Deciding "create or append" happens under a short blocking lock, so builds
+                # (or the parts of one build) starting together cannot both create the
+                # group; the parts of one build then find it created, with the same keys.
+                with _flock(gpath / "create.lock", f"group {group!r} of cache {cache_path}", blocking=True):
+                    all_keys = cls._create_or_extend(gpath, keys, {**metadata, **last_build}, num_patches,
+                                                     shard_size)
         index = {k: i for i, k in enumerate(all_keys)}
-        return cls(cache_path, group, all_keys, np.array([index[k] for k in keys], dtype=np.int64))
+        return cls(cache_path, group, all_keys, np.array([index[k] for k in keys], dtype=np.int64), last_build)
 
     @staticmethod
-    def _append(gpath: Path, n_old: int, new: list[str]):
-        n = n_old + len(new)
-        # keys last: their length is the group's size, so a crash before it leaves the
-        # group as it was (the arrays are merely longer) and the next run appends again.
-        for name in ("similarity", "attention"):
-            arr = zarr.open_array(str(gpath / name), mode="r+")
-            arr.resize((n, arr.shape[1]))
-        status = zarr.open_array(str(gpath / "status"), mode="r+")
-        status.resize((n,))
-        status[n_old:n] = PENDING
-        keys = zarr.open_array(str(gpath / "keys"), mode="r+")
-        keys.resize((n,))
-        keys[n_old:n] = np.array(new, dtype=object)
+    def _create_or_extend(gpath, keys: list[str], metadata: dict, num_patches: int,
+                          shard_size: int | None) -> list[str]:
+        """Under create.lock: every writer of keys and metadata holds it, so their temp
+        files are garbage here."""
+        _remove_partials(gpath, lambda shard: shard is None)
+        if not (gpath / "zarr.json").exists():
+            _create_group(gpath, keys, metadata, num_patches, shard_size)
+            return keys
+        _existing_attrs(gpath, metadata, num_patches, shard_size)
+        old = _committed_keys(gpath)
+        known = set(old)
+        new = [k for k in keys if k not in known]
+        if new:  # resizing must not race a running build's writes
+            with _flock(gpath / "build.lock", f"group {gpath.name!r} of cache {gpath.parent}"):
+                _append(gpath, len(old), new)
+        return old + new
 
     @contextmanager
     def lock(self, part: tuple[int, int] | None = None):
@@ -252,7 +554,7 @@ class GroupWriter:
 
         part=(i, n): one of n parts of a build that write disjoint shards (shard % n == i):
         parts share the group lock with each other, never with a whole build, and each
-        part holds its own lock exclusively."""
+        part holds its own lock exclusively. A URL cache has no locks (cache_schema.md)."""
         what = f"group {self.group!r} of cache {self.cache_path}"
         with contextlib.ExitStack() as stack:
             stack.enter_context(_flock(self.path / "build.lock", what, shared=part is not None))
@@ -261,9 +563,23 @@ class GroupWriter:
                 stack.enter_context(_flock(self.path / f"build.part-{i}-of-{n}.lock", f"part {i}/{n} of {what}"))
             self._locked, self._part = True, part
             try:
+                self._record_last_build()
                 yield self
             finally:
                 self._locked, self._part = False, None
+
+    def _record_last_build(self):
+        """Store this build's `image_root` (if it changed) now that it may write the group:
+        under create.lock, like every metadata write; at a URL (no locks) only part 0 or a
+        whole build writes it."""
+        changed = {k: v for k, v in self._last_build.items() if self.metadata.get(k) != v}
+        if not changed or (not _is_local(self.path) and self._part is not None and self._part[0] != 0):
+            return
+        with _os_errors("update the attributes of cache group", self.path), \
+                _flock(self.path / "create.lock", f"group {self.group!r} of cache {self.cache_path}", blocking=True):
+            zarr.open_group(str(self.path), mode="r+").attrs.update(changed)
+            _sync_metadata(self.path)
+        self.metadata.update(changed)
 
     def _require_lock(self, what: str):
         if not self._locked:
@@ -281,20 +597,33 @@ class GroupWriter:
         """Store targets for sorted `rows` of ONE shard; rows in `failures` are stored as failed.
 
         Targets first, then status: status is the commit marker, so a crash in between
-        leaves the rows pending (recomputed next run), never done-with-garbage.
+        leaves the rows pending (recomputed next run), never done-with-garbage. On a local
+        cache the targets are fsynced before the commit, so this holds across power loss.
         """
         self._require_lock("write_rows")
         rows = np.asarray(rows, dtype=np.int64)
-        n, M, P = len(rows), packed_size(self.num_patches), self.num_patches
-        if n == 0:
+        if len(rows) == 0:
             return
+        sim, attn, status = self._checked(rows, similarity_packed, attention, failures)
+        with _os_errors("write cache group", self.path):
+            self._write_targets(rows, sim, attn)
+            if failures:
+                _append_text(self.path / "failures.jsonl", "".join(
+                    json.dumps({"key": self.keys[row], "error": str(failures[row])}) + "\n"
+                    for row in sorted(failures)))
+            self._make_durable(int(rows[0]) // self.shard_size, bool(failures))
+            self._commit(rows, status)
+
+    def _checked(self, rows: np.ndarray, sim: np.ndarray, attn: np.ndarray, failures: dict[int, str]):
+        """Validate one shard's rows; -> (similarity, attention, status) to store."""
+        n, M, P = len(rows), packed_size(self.num_patches), self.num_patches
         if rows.ndim != 1 or (np.diff(rows) <= 0).any() or rows[0] < 0 or rows[-1] >= len(self.keys):
             raise CacheError(f"rows must be sorted, unique and in [0, {len(self.keys)}), got {rows[:8]}...")
         if rows[0] // self.shard_size != rows[-1] // self.shard_size:
             raise CacheError(f"rows {rows[0]}..{rows[-1]} span several shards of {self.shard_size}; "
                              f"write one shard at a time")
-        for name, arr, shape, dtype in (("similarity_packed", similarity_packed, (n, M), np.float16),
-                                        ("attention", attention, (n, P), np.float32)):
+        for name, arr, shape, dtype in (("similarity_packed", sim, (n, M), np.float16),
+                                        ("attention", attn, (n, P), np.float32)):
             if arr.shape != shape or arr.dtype != dtype:
                 raise CacheError(f"{name} must be {np.dtype(dtype)} {shape}, got {arr.dtype} {arr.shape}")
         unknown = set(failures) - set(rows.tolist())
@@ -302,47 +631,69 @@ class GroupWriter:
             raise CacheError(f"failures name rows {sorted(unknown)[:5]} that are not being written")
 
         failed = np.isin(rows, list(failures))
-        good = np.isfinite(similarity_packed).all(1) & np.isfinite(attention).all(1) & (attention.max(1) > 0)
+        good = np.isfinite(sim).all(1) & np.isfinite(attn).all(1) & (attn.max(1) > 0)
         broken = np.flatnonzero(~failed & ~good)
         if len(broken):
             key = self.keys[rows[broken[0]]]
             raise CacheError(f"targets for {key!r} contain NaN/inf or an all-zero attention map, so they cannot "
                              f"be stored as done: check the teacher run (overflow in low precision?) or record "
                              f"the sample as failed")
-        sim, attn = similarity_packed.copy(), attention.copy()
+        sim, attn = sim.copy(), attn.copy()
         sim[failed], attn[failed] = np.nan, np.nan
-        status = np.where(failed, FAILED, DONE).astype(np.uint8)
+        return sim, attn, np.where(failed, FAILED, DONE).astype(np.uint8)
 
+    def _write_targets(self, rows: np.ndarray, sim: np.ndarray, attn: np.ndarray):
         lo, hi = int(rows[0]), int(rows[-1]) + 1
-        if hi - lo == n:  # contiguous: plain slice writes
+        if hi - lo == len(rows):  # contiguous: plain slice writes
             self._similarity[lo:hi] = sim
             self._attention[lo:hi] = attn
-        else:
-            # zarr 3.1 cannot write an integer selection into a sharded array, so merge
-            # into the row range's current contents and write that back: still one shard
-            # rewrite (the shard's chunks outside lo:hi keep their encoded bytes).
-            for arr, values in ((self._similarity, sim), (self._attention, attn)):
-                block = arr[lo:hi]
-                block[rows - lo] = values
-                arr[lo:hi] = block
+            return
+        # zarr 3.1 cannot write an integer selection into a sharded array, so merge into
+        # the row range's current contents and write that back: still one shard rewrite
+        # (the shard's chunks outside lo:hi keep their encoded bytes).
+        for arr, values in ((self._similarity, sim), (self._attention, attn)):
+            block = arr[lo:hi]
+            block[rows - lo] = values
+            arr[lo:hi] = block
+
+    def _make_durable(self, shard: int, failures: bool):
+        """fsync the shard's data files (and failures.jsonl), with the folders leading to
+        them, before `_commit` says "done": otherwise a power loss could keep the status
+        chunk but lose the data it vouches for. URL stores: a finished PUT is durable."""
+        if not _is_local(self.path):
+            return
+        files = [self.path / name / "c" / str(shard) / "0" for name in ("similarity", "attention")]
         if failures:
-            with open(self.path / "failures.jsonl", "a") as f:
-                for row in sorted(failures):
-                    f.write(json.dumps({"key": self.keys[row], "error": str(failures[row])}) + "\n")
+            files.append(self.path / "failures.jsonl")
+        _fsync(_with_parents(files, self.path))
+
+    def _commit(self, rows: np.ndarray, status: np.ndarray):
+        """Write the rows' status: the commit marker (one chunk file per shard)."""
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
         current = self._status[lo:hi]
         current[rows - lo] = status
         self._status[lo:hi] = current
 
     def clean_partials(self) -> int:
         """Delete temp files (*.partial) a killed writer left behind; returns how many.
-        Under the lock, so no live writer's temp file can be among them."""
+
+        Under the lock, so no live writer's temp file can be among them: a whole build
+        deletes all, part i/n those of its own shards (the other parts may be writing
+        theirs right now). Those of keys and metadata go when a group is opened."""
         self._require_lock("clean_partials")
-        if self._part is not None:
-            return 0  # other parts may be writing right now; a whole build cleans up
-        leftovers = list(self.path.rglob("*.partial"))
-        for p in leftovers:
-            p.unlink(missing_ok=True)
-        return len(leftovers)
+        with _os_errors("clean temp files of cache group", self.path):
+            if self._part is None:
+                return _remove_partials(self.path, lambda shard: True)
+            i, n = self._part
+            return _remove_partials(self.path, lambda shard: shard is not None and shard % n == i)
+
+
+def _append_text(path, text: str):
+    if _is_local(path):
+        with open(path, "a") as f:
+            f.write(text)
+    else:
+        path.append_text(text)
 
 
 def _check_identity(gpath: Path, stored: dict, metadata: dict):
@@ -387,12 +738,16 @@ class _RowReader:
     and a crc32c of them. The index is read once per shard file version; then a row is
     one os.pread + one blosc decode. File descriptors are per process (reopened after a
     fork: DataLoader workers) and at most MAX_OPEN stay open.
+
+    At a URL the same happens with fsspec range reads: an "open" shard is its fsspec
+    path, checked (size, version) when opened, and a row is one `cat_file(start, end)`.
     """
 
     MAX_OPEN = 64
 
-    def __init__(self, path: Path):
+    def __init__(self, path):
         self.path = path
+        self.local = _is_local(path)
         meta = _read_json(path / "zarr.json")
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         self.width = int(meta["shape"][1])
@@ -445,41 +800,61 @@ class _RowReader:
 
     def close(self):
         # In a forked child these are its own copies of the parent's fds: closing them
-        # is safe and leaves the parent's untouched.
-        for fd in self._fds.values():
-            os.close(fd)
+        # is safe and leaves the parent's untouched. (URL handles are mere paths.)
+        if self.local:
+            for fd in self._fds.values():
+                os.close(fd)
         self._fds.clear()
 
     def __del__(self):
         if "_fds" in self.__dict__:  # __init__ may have failed before _reset
             self.close()
 
-    def _shard_file(self, shard: int) -> Path:
+    def _shard_file(self, shard: int):
         return self.path / f"c{self.sep}{shard}{self.sep}0"
 
-    def _fd(self, shard: int) -> tuple[int, np.ndarray]:
+    def _fd(self, shard: int) -> tuple:
         fd = self._fds.get(shard)
         if fd is not None:
             self._fds.move_to_end(shard)
             return fd, self._indexes[shard][1]
-        fd = os.open(self._shard_file(shard), os.O_RDONLY)
+        fd, size, version = self._open(shard)
         try:
-            st = os.fstat(fd)
-            version = (st.st_ino, st.st_size, st.st_mtime_ns)
             cached = self._indexes.get(shard)
             if cached is None or cached[0] != version:  # a build may have rewritten the shard
-                self._indexes[shard] = (version, self._read_index(fd, st.st_size, shard))
+                self._indexes[shard] = (version, self._read_index(fd, size, shard))
         except BaseException:
-            os.close(fd)
+            self._close(fd)
             raise
         self._fds[shard] = fd
         if len(self._fds) > self.MAX_OPEN:
-            os.close(self._fds.popitem(last=False)[1])
+            self._close(self._fds.popitem(last=False)[1])
         return fd, self._indexes[shard][1]
 
-    def _read_index(self, fd: int, size: int, shard: int) -> np.ndarray:
+    def _open(self, shard: int) -> tuple:
+        """-> (handle, size, version) of a shard file: an fd, or an fsspec path at a URL."""
+        if self.local:
+            fd = os.open(self._shard_file(shard), os.O_RDONLY)
+            st = os.fstat(fd)
+            return fd, st.st_size, (st.st_ino, st.st_size, st.st_mtime_ns)
+        url = self._shard_file(shard)
+        info = url.fs.info(url.fspath)
+        # Whatever the store reports that changes with a rewrite (S3: ETag; memory: created).
+        version = (info["size"], *(str(info.get(k)) for k in ("ETag", "etag", "mtime", "LastModified", "created")))
+        return url.fspath, int(info["size"]), version
+
+    def _close(self, fd):
+        if self.local:
+            os.close(fd)
+
+    def _pread(self, fd, nbytes: int, offset: int) -> bytes:
+        if self.local:
+            return os.pread(fd, nbytes, offset)
+        return self.path.fs.cat_file(fd, start=offset, end=offset + nbytes)
+
+    def _read_index(self, fd, size: int, shard: int) -> np.ndarray:
         nbytes = self.shard_rows * 16 + 4
-        raw = os.pread(fd, nbytes, size - nbytes) if size >= nbytes else b""
+        raw = self._pread(fd, nbytes, size - nbytes) if size >= nbytes else b""
         if len(raw) != nbytes or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             raise CacheError(f"shard file {self._shard_file(shard)} is truncated or corrupt (bad index); "
                              f"rebuild this cache group")
@@ -499,7 +874,10 @@ class _RowReader:
                 if offset == MAX_UINT64:
                     raise CacheError(f"{key!r}: row {row} is marked done but {self.path} has no data for it; "
                                      f"rebuild this cache group")
-                buf = os.pread(fd, int(nbytes), int(offset))
+                if self.local:  # the fast path: no call between us and the pread
+                    buf = os.pread(fd, int(nbytes), int(offset))
+                else:
+                    buf = self._pread(fd, int(nbytes), int(offset))
         except FileNotFoundError:
             raise CacheError(f"{key!r}: shard file {self._shard_file(shard)} is missing; rebuild this cache "
                              f"group") from None
@@ -517,18 +895,25 @@ class TeacherGroup:
     """One teacher's targets. Keys and status are a snapshot taken when the group is
     opened: rows a running build finishes later need a fresh open_cache()."""
 
-    def __init__(self, cache_path: Path, name: str, metadata: dict):
+    def __init__(self, cache_path, name: str, metadata: dict):
         self.name, self.cache_path, self.path = name, cache_path, cache_path / name
         self.metadata = metadata
         self.num_patches = int(metadata["num_patches"])
         self.native_grid = math.isqrt(self.num_patches)
         self.shard_size = int(metadata["shard_size"])
-        self._keys = zarr.open_array(str(self.path / "keys"), mode="r")[:].tolist()
-        self._rows = {k: i for i, k in enumerate(self._keys)}
-        # arrays may be longer than keys after an interrupted append: keys decide
-        self._status = zarr.open_array(str(self.path / "status"), mode="r")[: len(self._keys)]
-        self._similarity = _RowReader(self.path / "similarity")
-        self._attention = _RowReader(self.path / "attention")
+        try:
+            self._keys = _committed_keys(self.path)
+            self._rows = {k: i for i, k in enumerate(self._keys)}
+            # arrays may be longer than keys after an interrupted append: keys decide
+            self._status = zarr.open_array(str(self.path / "status"), mode="r")[: len(self._keys)]
+            self._similarity = _RowReader(self.path / "similarity")
+            self._attention = _RowReader(self.path / "attention")
+        except (CacheError, OSError) as e:  # zarr's "no array here" is a FileNotFoundError
+            raise CacheError(f"cache group {self.path} is damaged ({type(e).__name__}: {e}); rebuild it: delete "
+                             f"that folder and rerun the `medalign-cache build` that made it") from e
+        if len(self._status) < len(self._keys):
+            raise CacheError(f"cache group {self.path} is damaged (status has {len(self._status)} rows for "
+                             f"{len(self._keys)} keys); rebuild it: delete that folder and rerun the build")
 
     def __repr__(self):
         return f"TeacherGroup({self.name!r}, {len(self)} samples, grid {self.native_grid}, {self.path})"
@@ -580,11 +965,17 @@ class TeacherGroup:
 
     def targets(self, key: str, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """METHOD.md's (S_t [G*G, G*G], a_t [G*G]) for a student with a grid x grid token map."""
+        R = bilinear_matrix(self.native_grid, grid)  # first: it validates grid
         sim, attn = self.native(key)
-        R = bilinear_matrix(self.native_grid, grid)
         # On the native grid R = I and the resize returns S unchanged: skip the matmuls.
         sim_t = sim if grid == self.native_grid else resize_similarity(sim, R)
         return sim_t, resize_attention(attn, R)
+
+    def stored_bytes(self) -> int:
+        """Bytes the group's files take in the store."""
+        if _is_local(self.path):
+            return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return int(self.path.fs.du(self.path.fspath))
 
     def close(self):
         self._similarity.close()
@@ -594,7 +985,7 @@ class TeacherGroup:
 class Cache(Mapping):
     """The teacher groups of a cache, by exact group name or by a teacher alias."""
 
-    def __init__(self, path: Path, groups: dict[str, dict]):
+    def __init__(self, path, groups: dict[str, dict]):
         self.path = path
         self._meta = groups
         self._open: dict[str, TeacherGroup] = {}
@@ -637,8 +1028,10 @@ class Cache(Mapping):
 
 
 def open_cache(path) -> Cache:
-    """Open a cache for reading (no lock: readers never conflict with each other)."""
-    path = Path(path)
+    """Open a cache for reading (no lock: readers never conflict with each other).
+
+    path: a local folder or an fsspec URL (`cache_location`)."""
+    path = cache_location(path)
     if not path.is_dir():
         raise CacheError(f"no cache at {path}; build one with `medalign-cache build ... --cache {path}`")
     if not (path / "zarr.json").is_file():
@@ -646,7 +1039,7 @@ def open_cache(path) -> Cache:
                          f"`medalign-cache build` wrote")
     _check_root(path)
     groups = {}
-    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+    for sub in sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: p.name):
         meta_file = sub / "zarr.json"
         if not meta_file.is_file():
             continue  # a group still being created has no zarr.json yet
@@ -659,5 +1052,5 @@ def open_cache(path) -> Cache:
     return Cache(path, groups)
 
 
-__all__ = ["Cache", "CacheError", "CacheLockedError", "GroupWriter", "TeacherGroup", "default_shard_size",
-           "open_cache", "packed_size"]
+__all__ = ["Cache", "CacheError", "CacheLockedError", "GroupWriter", "TeacherGroup", "cache_location",
+           "default_shard_size", "open_cache", "packed_size", "writer_versions"]

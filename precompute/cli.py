@@ -7,13 +7,14 @@ a user can fix become one line and exit code 1, not a traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import click
 
 from .build import BuildConfig, BuildError, build_cache, parse_part, verify_cache
-from .cache import CacheError, open_cache
+from .cache import CacheError, cache_location, open_cache
 from .datasets import DatasetError
 from .images import ImageError
 from .teachers import TeacherError, teacher_names
@@ -39,7 +40,7 @@ def main():
     medalign-cache build  --teacher unimed --checkpoint unimed_clip_vit_b16.pt \\
                           --data train.json --image-root images/ --cache ./cache
     medalign-cache info   --cache ./cache
-    medalign-cache verify --cache ./cache --teacher unimed --checkpoint ... --image-root images/
+    medalign-cache verify --cache ./cache --teacher unimed
 
     Targets are stored at the teacher's native patch grid and resized exactly to
     any student's grid when read (see cache_schema.md).
@@ -59,8 +60,9 @@ def main():
               help="Dataset file (LLaVA JSON, ...). Omit to take every image under --image-root.")
 @click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder the dataset's image paths are relative to; cache keys are these relative paths.")
-@click.option("--cache", required=True, type=click.Path(path_type=Path),
-              help="Cache directory (created if missing; other teachers' groups are left alone).")
+@click.option("--cache", required=True, metavar="DIR|URL",
+              help="Cache folder (created if missing; other teachers' groups are left alone), or an fsspec URL "
+                   "(e.g. s3://bucket/cache; see cache_schema.md, \"Caches at URLs\").")
 @click.option("--format", "fmt", default="auto", show_default=True, help="Dataset format.")
 @click.option("--split", default=None, help="Split to read for files that hold several (R2Gen).")
 @click.option("--group", default=None, help="Group name in the cache [default: the teacher's name].")
@@ -75,10 +77,10 @@ def main():
                    "failed in the cache and failures.jsonl, and go on.")
 @click.option("--shard-size", type=int, default=None, help="Samples per shard file [default: ~32 MB].")
 @click.option("--seed", default=0, show_default=True, help="Seed for --random-init weights.")
-@click.option("--part", default=None, metavar="I/N",
+@click.option("--part", "--shard", "part", default=None, metavar="I/N",
               help="Compute only part I of N (shards s with s % N == I), e.g. one task of a SLURM array; "
                    "parts write disjoint files of the same cache and resume on their own. Under torchrun "
-                   "it is taken from RANK/WORLD_SIZE.")
+                   "it is taken from RANK/WORLD_SIZE. --shard is another name for it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(quiet, **kw):
     """Run a teacher over a dataset's images and store its targets (resumable).
@@ -102,50 +104,56 @@ def build(quiet, **kw):
     click.echo(f"group {report.group}{part}: {report.total} samples, {report.computed} computed{rate}, "
                f"{report.already_done} already done, {report.failed} failed")
     if report.failed:
-        click.echo(f"failed samples are listed in {kw['cache'] / report.group / 'failures.jsonl'}")
-
+        click.echo(f"failed samples are listed in {cache_location(kw['cache']) / report.group / 'failures.jsonl'}")
 
 
 @main.command()
-@click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path))
+@click.option("--cache", "cache_path", required=True, metavar="DIR|URL")
 @click.option("--json", "as_json", is_flag=True, help="Print the full metadata as JSON.")
 def info(cache_path, as_json):
     """Show the teacher groups of a cache, their completeness and size."""
     try:
-        cache = open_cache(cache_path)
+        out = _summaries(open_cache(cache_path))
     except USER_ERRORS as e:
         _fail(e)
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    for name, s in out.items():
+        md = s["metadata"]
+        flags = [f for f in ("random_init", "tiny") if md.get(f)]
+        click.echo(f"{name}: {md.get('arch')} grid {math.isqrt(md['num_patches'])} ({md['num_patches']} patches)"
+                   f"{' [' + ', '.join(flags) + ': NOT real targets]' if flags else ''}")
+        click.echo(f"  samples {s['samples']}: {s['done']} done, {s['pending']} pending, "
+                   f"{s['failed']} failed; {s['bytes'] / 1e6:.1f} MB on disk"
+                   f" ({s['bytes'] / max(s['done'], 1) / 1e3:.1f} KB per done sample)")
+        click.echo(f"  checkpoint sha256 {md.get('checkpoint_sha256')}")
+
+
+def _summaries(cache) -> dict:
+    """Per group: sample counts by status, bytes stored, metadata (what `info` shows)."""
     out = {}
     for name in cache:
         g = cache[name]
-        keys = g.keys()
         counts = {"done": 0, "pending": 0, "failed": 0}
-        for k in keys:
+        for k in g.keys():
             counts[g.status(k)] += 1
-        size = sum(f.stat().st_size for f in Path(g.path).rglob("*") if f.is_file())
-        out[name] = {"samples": len(keys), **counts, "bytes": size, "metadata": g.metadata}
-        if not as_json:
-            md = g.metadata
-            flags = [f for f in ("random_init", "tiny") if md.get(f)]
-            click.echo(f"{name}: {md.get('arch')} grid {g.native_grid} ({g.num_patches} patches)"
-                       f"{' [' + ', '.join(flags) + ': NOT real targets]' if flags else ''}")
-            click.echo(f"  samples {len(keys)}: {counts['done']} done, {counts['pending']} pending, "
-                       f"{counts['failed']} failed; {size / 1e6:.1f} MB on disk"
-                       f" ({size / max(counts['done'], 1) / 1e3:.1f} KB per done sample)")
-            click.echo(f"  checkpoint sha256 {md.get('checkpoint_sha256')}")
-    if as_json:
-        click.echo(json.dumps(out, indent=2, default=str))
+        out[name] = {"samples": len(g), **counts, "bytes": g.stored_bytes(), "metadata": g.metadata}
+    return out
 
 
 @main.command()
-@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--cache", "cache_path", required=True, metavar="DIR|URL")
 @click.option("--teacher", required=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Teacher weights [default: the checkpoint the group was built from, or random init].")
 @click.option("--random-init", is_flag=True, help="The cache was built with --random-init (same --seed).")
-@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder the keys are relative to [default: the one of the group's last build].")
 @click.option("--group", default=None)
 @click.option("--samples", default=8, show_default=True, help="How many random samples to recompute.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=int, default=None,
+              help="Picks the samples; also the --random-init seed [default: the build's seed, else 0].")
 @click.option("--device", default="cpu", show_default=True)
 def verify(**kw):
     """Recompute random samples with the teacher and check the cache against them."""
@@ -162,7 +170,7 @@ def verify(**kw):
 
 
 @main.command()
-@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--cache", "cache_path", required=True, metavar="DIR|URL")
 @click.option("--teacher", required=True, help="Teacher group (name or alias).")
 @click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--key", "keys", multiple=True,

@@ -12,6 +12,7 @@ direct way (interpolate the feature map itself); it exists to check the path abo
 Every function accepts optional leading batch dimensions.
 """
 
+import numbers
 from functools import lru_cache
 
 import torch
@@ -69,13 +70,22 @@ def _bilinear_matrix(src_grid: int, dst_grid: int) -> torch.Tensor:
     return out.view(src_grid * src_grid, dst_grid * dst_grid).t().float().contiguous()
 
 
+def check_grid(grid, what: str = "grid") -> int:
+    """A patch grid (side length, e.g. 24 for LLaVA-Med's 24 x 24 visual tokens) as an int;
+    ValueError for anything else (0, 2.5, "24", True), before torch meets it."""
+    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 1:
+        raise ValueError(f"{what} must be a positive integer patch grid side (e.g. 24 for a 24 x 24 token "
+                         f"grid), got {grid!r}")
+    return int(grid)
+
+
 def bilinear_matrix(src_grid: int, dst_grid: int) -> torch.Tensor:
     """R [dst*dst, src*src] float32 with R @ x.flatten() == F.interpolate(x, (dst, dst),
     mode="bilinear", align_corners=False).flatten() for any row-major g x g map x.
 
     Cached per (src, dst); each call returns a fresh copy, so callers may modify it.
     """
-    return _bilinear_matrix(src_grid, dst_grid).clone()
+    return _bilinear_matrix(check_grid(src_grid, "source grid"), check_grid(dst_grid)).clone()
 
 
 def resize_similarity(sim: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -125,5 +135,5 @@ def reference_targets(tokens: torch.Tensor, cls_attention: torch.Tensor,
     return sim.reshape(*lead, Q, Q), amap.reshape(*lead, Q)
 
 
-__all__ = ["bilinear_matrix", "pack_upper", "patch_similarity", "reference_targets",
+__all__ = ["bilinear_matrix", "check_grid", "pack_upper", "patch_similarity", "reference_targets",
            "resize_attention", "resize_similarity", "unpack_upper"]

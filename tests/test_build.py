@@ -1,12 +1,15 @@
 """Stage one end to end: the real CLI over real files, checked against an
 independent computation of METHOD.md's recipe, killed and resumed."""
 
+import errno
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
+import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from precompute import open_cache
-from precompute.build import BuildConfig, BuildError, build_cache
+from precompute.build import BuildConfig, BuildError, _recorded_teacher, build_cache
+from precompute.cache import CacheError
 from precompute.cli import main as cache_cli
 from precompute.teachers import load_teacher
 
@@ -193,47 +197,144 @@ def test_missing_checkpoint_names_the_download(tmp_path, dataset):
     assert "unimed_clip_vit_b16.pt" in r.output and "Traceback" not in r.output
 
 
-def _arrays(cache: Path, group: str):
-    g = zarr.open_group(str(cache / group), mode="r")
+def _arrays(cache, group: str):
+    g = zarr.open_group(f"{cache}/{group}", mode="r")   # a folder or a URL
     return {name: g[name][:] for name in ("keys", "status", "similarity", "attention")}
 
 
-def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
-    root = tmp_path / "images"
-    keys = make_images(root, 24, seed=3)
-    data = llava_json(tmp_path / "train.json", keys)
-    common = ["build", "--teacher", "unimed", "--random-init", "--data", str(data), "--image-root", str(root),
-              "--batch-size", "4", "--shard-size", "4", "--workers", "0", "--quiet"]
-    cli = [str(BIN / "medalign-cache")]
+# The real CLI in a child process whose writer thread stops for good in its second shard's
+# commit: that shard's targets are written, its status is not. The test SIGKILLs it there,
+# mid-build, at the one point where dying could do harm.
+STOP_IN_SECOND_COMMIT = """
+import sys, threading
+from precompute.cache import GroupWriter
+from precompute.cli import main
+commit, calls = GroupWriter._commit, []
+def stopping_commit(self, rows, status):
+    calls.append(rows)
+    if len(calls) == 2:
+        print("stopped in the commit of rows", rows[0], "..", rows[-1], flush=True)
+        threading.Event().wait()
+    return commit(self, rows, status)
+GroupWriter._commit = stopping_commit
+main(sys.argv[1:])
+"""
+# One thread, as the in-process builds here (conftest): bit-identical forwards.
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
-    ref = tmp_path / "ref"
-    subprocess.run(cli + common + ["--cache", str(ref)], check=True, capture_output=True)
 
+def kill_9_mid_build(args: list[str]) -> str:
+    """Run `medalign-cache build ...args` in a child and SIGKILL it inside its second
+    shard commit; returns what it printed on stopping."""
+    proc = subprocess.Popen([sys.executable, "-c", STOP_IN_SECOND_COMMIT, *map(str, args)], env=CHILD_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("stopped") and proc.poll() is None, \
+            f"the build did not stop mid-way: {line!r} {proc.stderr.read()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    assert proc.returncode == -signal.SIGKILL
+    return line
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path, dataset):
+    root, data, keys = dataset
+    common = ["build", "--teacher", "tiny", "--random-init", "--data", data, "--image-root", root,
+              "--batch-size", 2, "--shard-size", 4, "--workers", 0, "--quiet"]
+    assert run_cli(*common, "--cache", tmp_path / "ref").exit_code == 0
     cache = tmp_path / "cache"
-    proc = subprocess.Popen(cli + common + ["--cache", str(cache)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    status_dir = cache / "unimed-b16" / "status"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        # kill as soon as the first shard's status chunk is committed
-        if status_dir.exists() and any(p.is_file() and p.name != "zarr.json" for p in status_dir.rglob("*")):
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "build finished before it could be killed; make the test data larger"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert "rows 4 .. 7" in kill_9_mid_build(common + ["--cache", cache])
 
-    partial = _arrays(cache, "unimed-b16")
-    done_before = int((partial["status"] == 1).sum())
-    assert 0 < done_before < len(keys)
+    partial = _arrays(cache, "tiny")
+    assert (partial["status"][:4] == 1).all() and (partial["status"][4:] == 0).all()
+    assert (cache / "tiny" / "similarity" / "c" / "1" / "0").is_file()   # written, never committed
 
-    r = subprocess.run(cli + common + ["--cache", str(cache)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert f"{len(keys) - done_before} computed" in r.stdout
-    resumed, reference = _arrays(cache, "unimed-b16"), _arrays(ref, "unimed-b16")
+    r = run_cli(*common, "--cache", cache)
+    assert r.exit_code == 0 and "6 computed" in r.output, r.output
+    resumed, reference = _arrays(cache, "tiny"), _arrays(tmp_path / "ref", "tiny")
     for name in reference:
         assert np.array_equal(resumed[name], reference[name]), name
     assert not list(cache.rglob("*.partial"))
+
+
+def test_verify_needs_only_the_cache_and_the_teacher(tmp_path, dataset):
+    """The issue's `medalign-cache verify --cache ./cache --teacher unimed`: the image folder,
+    weights (here: random init and its seed) come from the build."""
+    root, data, _ = dataset
+    cache = tmp_path / "cache"
+    r = run_cli("build", "--teacher", "tiny", "--random-init", "--seed", 2, "--data", data, "--image-root", root,
+                "--cache", cache, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert open_cache(cache)["tiny"].metadata["image_root"] == str(root.resolve())
+    r = run_cli("verify", "--cache", cache, "--teacher", "tiny", "--samples", 2)
+    assert r.exit_code == 0 and "recomputed 2" in r.output, r.output
+    moved = root.rename(tmp_path / "moved")
+    r = run_cli("verify", "--cache", cache, "--teacher", "tiny", "--samples", 2)
+    assert r.exit_code == 1 and f"under {root.resolve()}, which no longer exists; pass --image-root" in r.output
+    r = run_cli("verify", "--cache", cache, "--teacher", "tiny", "--samples", 2, "--image-root", moved)
+    assert r.exit_code == 0, r.output
+
+    class Built:   # a group built from weights that have since been deleted
+        name, metadata = "g", {"checkpoint": str(tmp_path / "gone.pt"), "random_init": False, "seed": None}
+    with pytest.raises(CacheError, match=r"checkpoint .*gone\.pt, which no longer exists; pass --checkpoint"):
+        _recorded_teacher(Built, None, False, None)
+
+
+@pytest.fixture()
+def memory_url():
+    import fsspec
+    name = f"medalign-test-{uuid.uuid4().hex[:8]}"
+    yield f"memory://{name}/cache"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(f"/{name}"):
+        fs.rm(f"/{name}", recursive=True)
+
+
+def test_caches_at_urls_through_the_cli(tmp_path, dataset, memory_url, monkeypatch):
+    """file:// is the local folder; memory:// goes through fsspec (writes via zarr's
+    FsspecStore, reads via range reads): both hold what a local build holds. A URL that
+    cannot work is one error line, and never a local folder named like it."""
+    root, data, _ = dataset
+    common = ["build", "--teacher", "tiny", "--random-init", "--data", data, "--image-root", root,
+              "--batch-size", 4, "--shard-size", 4, "--workers", 0, "--quiet"]
+    for where in (tmp_path / "local", f"file://{tmp_path}/file-url", memory_url):
+        r = run_cli(*common, "--cache", where)
+        assert r.exit_code == 0 and "10 computed" in r.output, r.output
+    reference = _arrays(tmp_path / "local", "tiny")
+    for where in (tmp_path / "file-url", memory_url):
+        got = _arrays(where, "tiny")
+        for name in reference:
+            assert np.array_equal(got[name], reference[name]), (where, name)
+    r = run_cli("info", "--cache", memory_url)
+    assert r.exit_code == 0 and "samples 10: 10 done" in r.output, r.output
+    r = run_cli("verify", "--cache", memory_url, "--teacher", "tiny", "--samples", 3)
+    assert r.exit_code == 0 and "recomputed 3" in r.output, r.output
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    for url, why in (("s3://bucket/x", "Install s3fs"), ("nosuch://x/y", "Protocol not known")):
+        r = run_cli(*common, "--cache", url)
+        assert r.exit_code == 1 and f"cannot use cache URL '{url}': {why}" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_a_file_system_without_locks_is_one_error_line(tmp_path, dataset, monkeypatch):
+    root, data, _ = dataset
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    r = run_cli("build", "--teacher", "tiny", "--random-init", "--data", data, "--image-root", root,
+                "--cache", tmp_path / "c", "--workers", 0, "--quiet")
+    assert r.exit_code == 1 and "does not support file locks" in r.output and "-o flock" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_second_concurrent_build_refuses(tmp_path, dataset):

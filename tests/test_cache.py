@@ -3,11 +3,15 @@
 The reader parses Zarr's shard index itself, so every test that reads also holds it
 to what zarr-python returns for the same store."""
 
+import errno
+import fcntl
 import json
 import multiprocessing as mp
+import os
 import pickle
 import subprocess
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
@@ -15,9 +19,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from click.testing import CliRunner
 
+import precompute.cache as cache_module
 from precompute.cache import (CacheError, CacheLockedError, GroupWriter, _RowReader, default_shard_size,
                               open_cache, packed_size)
+from precompute.cli import main as cache_cli
 from precompute.targets import (bilinear_matrix, pack_upper, patch_similarity, resize_attention,
                                 resize_similarity, unpack_upper)
 
@@ -419,3 +426,237 @@ def test_the_plain_reader_in_cache_schema_md(built):
         S_t, a_t = group.targets(keys[6], grid=G)
         assert np.abs(scope["S_t"] - S_t.double().numpy()).max() < 1e-5
         assert np.abs(scope["a_t"] - a_t.double().numpy()).max() < 1e-6
+
+
+# ----------------------------------------------------------------------------- crash safety, durability
+
+
+class Crash(BaseException):
+    """The process dying at this point (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("chunks_written", [0, 1])
+def test_an_append_killed_before_its_keys_are_written_leaves_no_phantom_rows(tmp_path, monkeypatch, chunks_written):
+    """keys are resized, then named one chunk at a time: a crash in between used to leave
+    empty keys with pending rows that no rerun could finish or remove."""
+    monkeypatch.setattr(cache_module, "KEYS_CHUNK", 4)   # so 6 new keys span two chunks
+    keys, more = keys_(10), keys_(6, prefix="new")
+    sim, attn = targets(16)
+    write_all(GroupWriter.open(tmp_path / "c", "g", keys, P, META, shard_size=4), sim[:10], attn[:10])
+
+    real_setitem, writes = zarr.Array.__setitem__, []
+
+    def dying_setitem(arr, selection, value):
+        if str(arr.store_path).endswith("/g/keys"):
+            if len(writes) == chunks_written:
+                raise Crash
+            writes.append(selection)
+        real_setitem(arr, selection, value)
+
+    with monkeypatch.context() as m:
+        m.setattr(zarr.Array, "__setitem__", dying_setitem)
+        with pytest.raises(Crash):
+            GroupWriter.open(tmp_path / "c", "g", keys + more, P, META)
+    stored = zarr.open_array(str(tmp_path / "c" / "g" / "keys"))[:].tolist()
+    assert stored[10 + 2 * chunks_written:] == [""] * (6 - 2 * chunks_written)     # named, then empty
+    group = open_cache(tmp_path / "c")["g"]            # the crash's state, as readers see it
+    assert group.keys() == keys + more[:2 * chunks_written]
+    assert "" not in group and group.missing(group.keys()) == more[:2 * chunks_written]
+
+    writer = GroupWriter.open(tmp_path / "c", "g", keys + more, P, META)   # the rerun
+    assert writer.keys == keys + more and writer.pending_rows().tolist() == list(range(10, 16))
+    write_all(writer, sim, attn)
+    group = open_cache(tmp_path / "c")["g"]
+    assert group.keys() == keys + more and group.missing(keys + more) == []
+    z = zarr.open_group(str(tmp_path / "c" / "g"))
+    assert z["keys"][:].tolist() == keys + more and (z["status"][:] == 1).all()
+    assert np.array_equal(z["similarity"][:], sim) and np.array_equal(z["attention"][:], attn)
+
+
+def test_keys_chunk_does_not_depend_on_the_first_build(tmp_path):
+    GroupWriter.open(tmp_path / "c", "g", keys_(2), P, META)
+    GroupWriter.open(tmp_path / "c", "g", keys_(2) + keys_(300, prefix="more"), P, META)
+    meta = json.loads((tmp_path / "c" / "g" / "keys" / "zarr.json").read_text())
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [65536]
+    assert [p.name for p in (tmp_path / "c" / "g" / "keys" / "c").iterdir()] == ["0"]   # 302 keys, one file
+
+
+def test_a_shard_is_on_disk_before_its_status_says_done(tmp_path, monkeypatch):
+    synced, at_commit = [], []
+    real_fsync, real_commit = os.fsync, GroupWriter._commit
+
+    def recording_fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def recording_commit(self, rows, status):
+        at_commit.append((int(rows[0]) // self.shard_size, set(synced)))
+        real_commit(self, rows, status)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(GroupWriter, "_commit", recording_commit)
+    write_all(GroupWriter.open(tmp_path / "c", "g", keys_(8), P, META, shard_size=4), *targets(8),
+              failures={5: "broken"})
+    g = (tmp_path / "c" / "g").resolve()
+    for shard, done_before in at_commit:
+        for name in ("similarity", "attention"):
+            assert {g / name / "c" / str(shard) / "0", g / name / "c" / str(shard), g / name / "c"} <= done_before
+    assert g / "failures.jsonl" in at_commit[1][1] and (g / "keys" / "c" / "0") in at_commit[0][1]
+
+
+def test_a_part_cleans_the_temp_files_of_its_own_shards(built):
+    cache, keys, sim, _ = built
+    g = cache / "unimed-b16"
+    junk = {0: [g / "similarity" / "c" / "0" / "0.3f2a.partial", g / "status" / "c" / "0.aa.partial"],
+            1: [g / "attention" / "c" / "1" / "0.b7.partial", g / "status" / "c" / "1.cc.partial"],
+            None: [g / "keys" / "c" / "0.dd.partial", g / "status" / "zarr.ee.partial"]}
+    for p in sum(junk.values(), []):
+        p.write_bytes(b"half a file")
+    writer = GroupWriter.open(cache, "unimed-b16", [], P, META)      # opening: keys' and metadata's
+    assert not any(p.exists() for p in junk[None]) and all(p.exists() for p in junk[0] + junk[1])
+    with writer.lock(part=(1, 2)):
+        assert writer.clean_partials() == 2
+    assert not any(p.exists() for p in junk[1]) and all(p.exists() for p in junk[0])
+    with writer.lock(part=(0, 2)):
+        assert writer.clean_partials() == 2
+    assert not list(g.rglob("*.partial"))
+    assert np.array_equal(open_cache(cache)["unimed-b16"].native_packed(keys[0])[0], sim[0])
+
+
+# ----------------------------------------------------------------------------- errors a user can act on
+
+
+def test_file_systems_without_locks_and_unwritable_locks_are_cache_errors(tmp_path, monkeypatch):
+    writer = GroupWriter.open(tmp_path / "c", "g", keys_(4), P, META)
+    with monkeypatch.context() as m:
+        for code in (errno.ENOLCK, errno.ENOSYS):
+            m.setattr(fcntl, "flock", lambda f, op, code=code: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
+            with pytest.raises(CacheError, match=r"build\.lock does not support file locks.*-o flock"):
+                with writer.lock():
+                    pass
+
+    def denied(path, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "open", denied, raising=False)
+        with pytest.raises(CacheError, match=r"cannot open the lock file .*build\.lock: Permission denied; make it "
+                                             r"writable"):
+            with writer.lock():
+                pass
+
+
+def test_a_full_disk_is_a_cache_error_and_nothing_is_committed(tmp_path, monkeypatch):
+    writer = GroupWriter.open(tmp_path / "c", "g", keys_(4), P, META)
+
+    async def full(store, key, value, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(store.root / key))
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full)
+    with writer.lock(), pytest.raises(CacheError, match=r"cannot write cache group .*similarity/c/0/0: No space left "
+                                                         r"on device; free space.*rerunning"):
+        writer.write_rows(np.arange(4), *targets(4), {})
+    monkeypatch.undo()
+    assert writer.pending_rows().tolist() == [0, 1, 2, 3]
+
+
+def test_a_damaged_group_is_a_cache_error_naming_it(built):
+    cache = built[0]
+    import shutil
+    shutil.rmtree(cache / "unimed-b16" / "status")
+    with pytest.raises(CacheError, match=r"cache group .*unimed-b16 is damaged.*rebuild it"):
+        open_cache(cache)["unimed-b16"]
+    r = CliRunner().invoke(cache_cli, ["info", "--cache", str(cache)], catch_exceptions=False)
+    assert r.exit_code == 1 and "is damaged" in r.output and "Traceback" not in r.output
+
+
+def test_grid_must_be_a_positive_integer(built):
+    cache, keys, _, _ = built
+    group = open_cache(cache)["unimed-b16"]
+    for grid in (0, -3, 2.5, "24", True, None):
+        with pytest.raises(ValueError, match=r"grid must be a positive integer .* got"):
+            group.targets(keys[0], grid=grid)
+    assert group.targets(keys[0], grid=np.int64(5))[0].shape == (25, 25)
+
+
+# ----------------------------------------------------------------------------- caches at URLs
+
+
+@pytest.fixture()
+def memory_url():
+    """A fresh memory:// location (fsspec's in-process file system), removed afterwards."""
+    import fsspec
+    name = f"medalign-test-{uuid.uuid4().hex[:8]}"
+    yield f"memory://{name}/cache"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(f"/{name}"):
+        fs.rm(f"/{name}", recursive=True)
+
+
+def test_a_memory_url_cache_holds_the_same_bytes_as_a_local_one(tmp_path, memory_url):
+    import fsspec
+    keys, more = keys_(10), keys_(3, prefix="new")
+    sim, attn = targets(13)
+    for where in (tmp_path / "c", memory_url):
+        writer = GroupWriter.open(where, "unimed-b16", keys, P, META, shard_size=4, image_root="/data/images")
+        write_all(writer, sim[:10], attn[:10], failures={3: "broken"})
+        writer = GroupWriter.open(where, "unimed-b16", keys + more, P, META)            # an append
+        with writer.lock():
+            writer.write_rows(np.array([10, 11]), sim[10:12], attn[10:12], {})
+            writer.write_rows(np.array([12]), sim[12:], attn[12:], {})
+    fs = fsspec.filesystem("memory")
+    local = {p.relative_to(tmp_path / "c").as_posix(): p.read_bytes() for p in (tmp_path / "c").rglob("*")
+             if p.is_file() and p.suffix != ".lock"}
+    root = memory_url.removeprefix("memory://")
+    remote = {p.removeprefix(f"/{root}/"): fs.cat_file(p) for p in fs.find(f"/{root}")}
+    assert remote == local and "unimed-b16/similarity/c/2/0" in local   # the store, byte for byte
+
+    group = open_cache(memory_url)["unimed"]
+    assert str(group.path) == f"memory:///{root}/unimed-b16" and group.keys() == keys + more
+    assert group.metadata["image_root"] == "/data/images"
+    assert {"torch", "zarr", "numcodecs", "numpy", "medalign"} <= set(group.metadata["versions"])
+    assert group.stored_bytes() == sum(len(b) for name, b in local.items() if name.startswith("unimed-b16/"))
+    assert group.status(keys[3]) == "failed"
+    assert json.loads((group.path / "failures.jsonl").read_text())["key"] == keys[3]
+    for i, key in enumerate(keys + more):
+        if i != 3:
+            s, a = group.native_packed(key)
+            assert np.array_equal(s, sim[i]) and np.array_equal(a, attn[i])
+    assert group._similarity.fast          # range reads of the shard index, not zarr-python
+    clone = pickle.loads(pickle.dumps(group))
+    assert np.array_equal(clone.native_packed(keys[4])[0], sim[4])
+
+
+def test_url_parts_wait_for_part_zero_to_create_the_group(memory_url, monkeypatch):
+    """No locks at a URL: part 0 creates and extends the group, the others wait for it."""
+    monkeypatch.setattr(cache_module, "URL_PART_WAIT_S", 0.3)
+    keys = keys_(8)
+    with pytest.raises(CacheError, match=r"part 1/2 waited 0 s for part 0 to create or extend group .*start part 0"):
+        GroupWriter.open(memory_url, "g", keys, P, META, shard_size=4, part=(1, 2))
+    assert "g" not in open_cache(memory_url)
+    GroupWriter.open(memory_url, "g", keys, P, META, shard_size=4, part=(0, 2))
+    assert GroupWriter.open(memory_url, "g", keys, P, META, part=(1, 2)).keys == keys
+    with pytest.raises(CacheError, match="waited"):                      # new keys: part 0 appends them
+        GroupWriter.open(memory_url, "g", keys + ["new.png"], P, META, part=(1, 2))
+
+
+def test_urls_that_cannot_work_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for url, why in (("s3://bucket/x", "s3fs"), ("nosuch://x/y", "Protocol not known")):
+        for call in (lambda: GroupWriter.open(url, "g", keys_(2), P, META), lambda: open_cache(url)):
+            with pytest.raises(CacheError, match=rf"cannot use cache URL '{url}': .*{why}"):
+                call()
+    with pytest.raises(CacheError, match=r"went through pathlib\.Path.*'s3://bucket/x'"):
+        GroupWriter.open(Path("s3://bucket/x"), "g", keys_(2), P, META)
+    assert list(tmp_path.iterdir()) == []     # never a local folder named like the URL
+
+
+def test_image_root_is_that_of_the_last_build_that_wrote(tmp_path):
+    GroupWriter.open(tmp_path / "c", "g", keys_(4), P, META, image_root="/data/a")
+    assert open_cache(tmp_path / "c")["g"].metadata["image_root"] == "/data/a"
+    running = GroupWriter.open(tmp_path / "c", "g", keys_(4), P, META, image_root="/data/b")
+    refused = GroupWriter.open(tmp_path / "c", "g", keys_(4), P, META, image_root="/data/c")
+    with running.lock():
+        with pytest.raises(CacheLockedError), refused.lock():
+            pass
+    assert open_cache(tmp_path / "c")["g"].metadata["image_root"] == "/data/b"   # not the refused build's

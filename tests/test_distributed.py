@@ -15,15 +15,15 @@ from click.testing import CliRunner
 
 from precompute.cli import main as cache_cli
 
-from tests.test_build import llava_json, make_images
+from tests.test_build import kill_9_mid_build, llava_json, make_images, memory_url  # noqa: F401 (fixture)
 
 BIN = Path(sys.executable).parent
 # The same thread count everywhere: the parts must run bit-identical forwards.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def arrays(cache: Path, group: str = "tiny"):
-    g = zarr.open_group(str(cache / group), mode="r")
+def arrays(cache, group: str = "tiny"):
+    g = zarr.open_group(f"{cache}/{group}", mode="r")   # a folder or a URL
     return {name: g[name][:] for name in ("keys", "status", "similarity", "attention")}
 
 
@@ -110,10 +110,39 @@ def test_a_stopped_part_resumes_on_its_own(dataset, reference, one_thread):
         assert np.array_equal(result[name], reference[name]), name
 
 
+def test_a_killed_part_resumes_on_its_own(dataset, reference, one_thread):
+    """Part 1 is SIGKILLed mid-build (in shard 3's commit: its targets written, its status
+    not); rerunning part 1 (as --shard, the same option) finishes exactly its pending
+    shards, part 0 runs as if nothing happened, and the cache equals a single build."""
+    tmp, data = dataset
+    cache = tmp / "killed-part"
+    assert "rows 12 .. 15" in kill_9_mid_build(build_args(tmp, data, cache, "--part", "1/2"))
+    status = arrays(cache)["status"]
+    assert (status[4:8] == 1).all() and (np.delete(status, range(4, 8)) == 0).all()
+    assert (cache / "tiny" / "similarity" / "c" / "3" / "0").is_file()
+    r = cli_in_process(build_args(tmp, data, cache, "--shard", "1/2"))
+    assert r.exit_code == 0 and "6 computed" in r.output, r.output     # shards 3 and 5: 4 + 2 rows
+    assert cli_in_process(build_args(tmp, data, cache, "--shard", "0/2")).exit_code == 0
+    result = arrays(cache)
+    for name in reference:
+        assert np.array_equal(result[name], reference[name]), name
+    assert "--shard" in cli_in_process(["build", "--help"]).output
+
+
+def test_parts_on_a_url_cache_equal_single_process(dataset, reference, one_thread, memory_url):
+    tmp, data = dataset
+    for part in ("0/2", "1/2"):
+        r = cli_in_process(build_args(tmp, data, memory_url, "--part", part))
+        assert r.exit_code == 0, r.output
+    result = arrays(memory_url)
+    for name in reference:
+        assert np.array_equal(result[name], reference[name]), name
+
+
 def test_torchrun_build_equals_single_process(dataset, reference):
     tmp, data = dataset
     cache = tmp / "torchrun"
-    r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517", "-m",
+    r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
                         "precompute.cli", *build_args(tmp, data, cache)], env=ENV, capture_output=True, text=True,
                        timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -157,7 +186,8 @@ def run_training(tmp, data, cache, out, world: int, batch_size: int):
     args = dict(cache=str(cache), teacher="tiny", student="tiny", data=str(data), image_root=str(tmp / "images"),
                 out=str(out), layer=2, max_steps=6, batch_size=batch_size, grad_accum=2, lr=3e-3, lora_dropout=0.0,
                 num_workers=0, save_every=3)
-    launcher = [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", "29518"] if world > 1 \
+    # --standalone: a free port each time, so parallel test runs cannot collide
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(world)] if world > 1 \
         else [sys.executable]
     cmd = launcher + (["-c", TRAIN] if world == 1 else [str(tmp / "train_script.py")]) + [json.dumps(args)]
     (tmp / "train_script.py").write_text(TRAIN)
