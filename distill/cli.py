@@ -59,7 +59,7 @@ def _opt(*names, **kw):
 @main.command()
 @_opt("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
       help="JSON/YAML file of run settings; flags given here override it.")
-@_opt("--cache", type=click.Path(path_type=Path), help="Cache built by medalign-cache.")
+@_opt("--cache", metavar="DIR|URL", help="Cache built by medalign-cache: a folder or an fsspec URL.")
 @_opt("--teacher", help="Teacher group in the cache (name or alias, e.g. unimed).")
 @_opt("--student", help="Local transformers LLaVA directory, or 'tiny' for a tiny random student.")
 @_opt("--data", type=click.Path(path_type=Path), help="Training dataset file.")
@@ -67,6 +67,7 @@ def _opt(*names, **kw):
 @_opt("--out", type=click.Path(path_type=Path), help="Run directory (config, logs, metrics, adapter).")
 @_opt("--format", help="Dataset format [auto].")
 @_opt("--split", help="Split for files holding several (R2Gen).")
+@_opt("--lang", type=click.Choice(LANGUAGES), help="SLAKE question language (q_lang): en, zh or all [en].")
 @_opt("--layer", type=int, help="Decoder layer l of the attention loss; the transform sits at l-1 [20].")
 @_opt("--alpha", type=float, help="Weight of the visual alignment loss; 0 turns it off [1.0].")
 @_opt("--beta", type=float, help="Weight of the attention distillation loss; 0 turns it off [0.03].")
@@ -84,7 +85,7 @@ def _opt(*names, **kw):
 @_opt("--lr", type=float, help="Peak learning rate [2e-4].")
 @_opt("--weight-decay", type=float, help="[0].")
 @_opt("--warmup-ratio", type=float, help="[0.03].")
-@_opt("--epochs", type=float, help="[1].")
+@_opt("--epochs", type=float, help="Passes over the data [9; the reference trains 9-12]; --max-steps overrides.")
 @_opt("--max-steps", type=int, help="Optimiser steps; overrides --epochs.")
 @_opt("--batch-size", type=int, help="Samples per micro-batch [4].")
 @_opt("--grad-accum", type=int, help="Micro-batches per optimiser step [8].")
@@ -244,8 +245,7 @@ def compare(runs, data_stem, out, csv_path):
 @click.option("--teacher-embedding", type=click.Choice(["similarity", "attention"]), default="similarity",
               show_default=True, help="Teacher vector per image for the t-SNE: its patch-similarity matrix or "
                                       "its attention map.")
-@click.option("--cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Cache to read the teacher's targets from [the run's].")
+@click.option("--cache", metavar="DIR|URL", default=None, help="Cache to read the teacher's targets from [the run's].")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def pictures(run_dir, keys, **kw):

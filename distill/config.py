@@ -14,11 +14,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from precompute.cache import is_url
+from precompute.datasets import LANGUAGES
+
 
 @dataclass(frozen=True)
 class RunConfig:
     # what to train on
-    cache: Path
+    cache: Path | str                # a local folder, or an fsspec URL string (precompute.cache.is_url)
     teacher: str                     # cache group (teacher name or alias)
     student: str                     # local transformers LLaVA directory, or "tiny"
     data: Path
@@ -26,6 +29,7 @@ class RunConfig:
     out: Path
     format: str = "auto"
     split: str | None = None
+    lang: str = "en"                # SLAKE question language: en | zh | all
     # the method
     layer: int = 20                  # attention loss at decoder layer index `layer`, transform at `layer - 1`
     alpha: float = 1.0               # weight of the spatial visual alignment loss (0 = off, no cost)
@@ -63,7 +67,9 @@ class RunConfig:
 
     def __post_init__(self):
         for name in ("cache", "data", "image_root", "out"):
-            object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+            value = getattr(self, name)
+            if not (name == "cache" and is_url(value)):  # a URL stays a string: Path folds its '//'
+                object.__setattr__(self, name, Path(value).expanduser())
         if self.lora_targets is not None:
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         problems = []
@@ -71,6 +77,8 @@ class RunConfig:
             problems.append(f"layer must be >= 1 (the transform sits at layer - 1), got {self.layer}")
         if self.alpha < 0 or self.beta < 0:
             problems.append("alpha and beta must be >= 0")
+        if self.lang not in LANGUAGES:
+            problems.append(f"lang must be one of {', '.join(LANGUAGES)}, got {self.lang!r}")
         if self.attn_loss not in ("kl", "softmax-kl"):
             problems.append(f"attn_loss must be 'kl' or 'softmax-kl', got {self.attn_loss!r}")
         if self.attn_temperature <= 0:
@@ -134,6 +142,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
     # Relative paths in a config file are relative to the file, as users expect.
     for key in ("cache", "data", "image_root", "out"):
-        if key in data and data[key] is not None and not Path(data[key]).expanduser().is_absolute():
+        if key in data and data[key] is not None and not is_url(data[key]) \
+                and not Path(data[key]).expanduser().is_absolute():
             data[key] = str((path.parent / data[key]).resolve())
     return data

@@ -106,16 +106,13 @@ def encode(processor, record: Record, num_visual_tokens: int, max_length: int) -
 def read_targets(group: TeacherGroup, key: str, need_sim: bool = True, need_attn: bool = True) -> dict:
     """The stored targets of `key` that the run's losses use, and only those: without
     L_vis the packed similarity (P(P-1)/2 fp16 values, ~P/4 times the size of the
-    attention map) is neither read nor decompressed.
-
-    TeacherGroup.native_packed reads both arrays; this reads the ones asked for through
-    the same row readers, after the same check that the row is done."""
-    row = group._done_row(key)  # CacheError naming the key and the fix when it has no targets
+    attention map) is neither read nor decompressed."""
+    sim, attn = group.native_packed(key, similarity=need_sim, attention=need_attn)
     out = {}
-    if need_sim:
-        out["teacher_sim"] = torch.from_numpy(np.asarray(group._similarity.read(row, key)))
-    if need_attn:
-        out["teacher_attn"] = torch.from_numpy(np.asarray(group._attention.read(row, key)))
+    if sim is not None:
+        out["teacher_sim"] = torch.from_numpy(np.asarray(sim))
+    if attn is not None:
+        out["teacher_attn"] = torch.from_numpy(np.asarray(attn))
     return out
 
 

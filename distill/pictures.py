@@ -93,7 +93,7 @@ class PicturesResult:
 
 # ----------------------------------------------------------------------------- run + data
 
-def _run_config(run: Path, cache: Path | None) -> RunConfig:
+def _run_config(run: Path, cache) -> RunConfig:
     path = Path(run) / "config.json"
     if not path.is_file():
         raise PicturesError(f"{run} is not a run directory (no config.json); point --run at the --out of "
@@ -346,7 +346,7 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
         label_by = "field"
     elif label_by == "field":
         raise PicturesError("label_by 'field' needs --label-field NAME")
-    config = _run_config(run, Path(cache) if cache else None)
+    config = _run_config(run, cache)
     if not config.distill:
         raise PicturesError(f"run {run} trained without distillation (alpha = beta = 0): it names no teacher "
                             f"cache to compare with")

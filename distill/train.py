@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from precompute.cache import open_cache
 from precompute.datasets import load_records
-from precompute.targets import bilinear_matrix, resize_attention, resize_similarity, unpack_upper
+from precompute.targets import RECIPE, bilinear_matrix, resize_attention, resize_similarity, unpack_upper
 
 from .config import RunConfig
 from .data import DistillDataset, SampleError, make_collate
@@ -141,11 +141,9 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------- preflight
 
-# The target recipes (precompute.teachers.RECIPE of the builds) whose numbers these
-# losses were written for. Training may not import the teacher module to read the
-# constant, so it is repeated here; a test keeps the two in step. A new recipe means
+# The target recipes whose numbers these losses were written for. A new recipe means
 # new numbers: it must be added here deliberately, never trained on by accident.
-TRAINABLE_RECIPES = ("last_block_tokens+cls_attention/v1",)
+TRAINABLE_RECIPES = (RECIPE,)
 
 
 def preflight(config: RunConfig, records, group) -> list[str]:
@@ -434,7 +432,8 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
     # ---- data and cache, checked before the (slow) student load
-    records = load_records(config.data, config.image_root, fmt=config.format, split=config.split)
+    records = load_records(config.data, config.image_root, fmt=config.format, split=config.split,
+                           lang=config.lang)
     group = open_cache(config.cache)[config.teacher] if config.distill else None
     notes = preflight(config, records, group)  # every rank checks; one tells
     for w in notes if dist.main else ():

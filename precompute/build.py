@@ -45,6 +45,7 @@ class BuildConfig:
     random_init: bool = False
     fmt: str = "auto"
     split: str | None = None
+    lang: str = "en"                 # SLAKE question language (datasets.LANGUAGES)
     group: str | None = None          # default: the teacher's canonical name
     pad_to_square: bool = False       # LLaVA-Med's expand2square before the teacher's own transform
     batch_size: int = 32
@@ -202,7 +203,8 @@ def default_group_name(teacher: str) -> str:
 
 
 def build_cache(config: BuildConfig, progress: bool = True) -> BuildReport:
-    records = load_records(config.data, config.image_root, fmt=config.fmt, split=config.split)
+    records = load_records(config.data, config.image_root, fmt=config.fmt, split=config.split,
+                           lang=config.lang)
     keys = cache_keys(records)
     teacher = load_teacher(config.teacher, str(config.checkpoint) if config.checkpoint else None,
                            random_init=config.random_init, device=config.device, seed=config.seed)

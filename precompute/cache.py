@@ -191,6 +191,11 @@ def cache_location(path) -> "Path | _Url":
     return _Url(fs, fspath)
 
 
+def is_url(path) -> bool:
+    """True for a --cache value that names a URL (scheme://...), not a local folder."""
+    return isinstance(path, _Url) or (isinstance(path, str) and bool(_URL.match(path)))
+
+
 def _is_local(path) -> bool:
     return isinstance(path, Path)
 
@@ -953,10 +958,13 @@ class TeacherGroup:
         raise CacheError(f"{key!r} in cache group {self.name!r} ({self.path}) is {STATUS_NAMES[state]}, it has "
                          f"no targets: {fix}")
 
-    def native_packed(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """(packed fp16 similarity [M], fp32 attention [P]) as stored: the fast path for DataLoader workers."""
+    def native_packed(self, key: str, similarity: bool = True, attention: bool = True
+                      ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(packed fp16 similarity [M], fp32 attention [P]) as stored: the fast path for
+        DataLoader workers. An array not asked for is neither read nor decoded (None)."""
         row = self._done_row(key)
-        return self._similarity.read(row, key), self._attention.read(row, key)
+        return (self._similarity.read(row, key) if similarity else None,
+                self._attention.read(row, key) if attention else None)
 
     def native(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(S [P, P], attention [P]) at the teacher's grid, float32."""
@@ -1052,5 +1060,5 @@ def open_cache(path) -> Cache:
     return Cache(path, groups)
 
 
-__all__ = ["Cache", "CacheError", "CacheLockedError", "GroupWriter", "TeacherGroup", "cache_location",
+__all__ = ["Cache", "CacheError", "CacheLockedError", "GroupWriter", "TeacherGroup", "cache_location", "is_url",
            "default_shard_size", "open_cache", "packed_size", "writer_versions"]

@@ -15,7 +15,7 @@ import click
 
 from .build import BuildConfig, BuildError, build_cache, parse_part, verify_cache
 from .cache import CacheError, cache_location, open_cache
-from .datasets import DatasetError
+from .datasets import LANGUAGES, DatasetError
 from .images import ImageError
 from .teachers import TeacherError, teacher_names
 
@@ -65,6 +65,8 @@ def main():
                    "(e.g. s3://bucket/cache; see cache_schema.md, \"Caches at URLs\").")
 @click.option("--format", "fmt", default="auto", show_default=True, help="Dataset format.")
 @click.option("--split", default=None, help="Split to read for files that hold several (R2Gen).")
+@click.option("--lang", type=click.Choice(LANGUAGES), default="en", show_default=True,
+              help="SLAKE question language (q_lang); all: both.")
 @click.option("--group", default=None, help="Group name in the cache [default: the teacher's name].")
 @click.option("--pad-to-square", is_flag=True,
               help="Pad images to square (LLaVA-Med's expand2square) before the teacher's transform.")

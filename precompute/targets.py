@@ -18,6 +18,11 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+# The version of the target definition these functions implement (last block's patch
+# tokens + head-averaged CLS attention). Stored in every cache group; training refuses
+# a recipe it does not know, so a changed definition is never mixed with old numbers.
+RECIPE = "last_block_tokens+cls_attention/v1"
+
 
 def patch_similarity(tokens: torch.Tensor) -> torch.Tensor:
     """Tokens [..., P, D] -> all pairwise cosines [..., P, P] in float32.
@@ -135,5 +140,5 @@ def reference_targets(tokens: torch.Tensor, cls_attention: torch.Tensor,
     return sim.reshape(*lead, Q, Q), amap.reshape(*lead, Q)
 
 
-__all__ = ["bilinear_matrix", "check_grid", "pack_upper", "patch_similarity", "reference_targets",
+__all__ = ["RECIPE", "bilinear_matrix", "check_grid", "pack_upper", "patch_similarity", "reference_targets",
            "resize_attention", "resize_similarity", "unpack_upper"]

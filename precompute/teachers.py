@@ -40,7 +40,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-RECIPE = "last_block_tokens+cls_attention/v1"
+from .targets import RECIPE
+
 FAMILIES = ("open_clip", "biomedclip", "tiny")
 
 
