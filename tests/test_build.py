@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -283,16 +282,6 @@ def test_verify_needs_only_the_cache_and_the_teacher(tmp_path, dataset):
         name, metadata = "g", {"checkpoint": str(tmp_path / "gone.pt"), "random_init": False, "seed": None}
     with pytest.raises(CacheError, match=r"checkpoint .*gone\.pt, which no longer exists; pass --checkpoint"):
         _recorded_teacher(Built, None, False, None)
-
-
-@pytest.fixture()
-def memory_url():
-    import fsspec
-    name = f"medalign-test-{uuid.uuid4().hex[:8]}"
-    yield f"memory://{name}/cache"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(f"/{name}"):
-        fs.rm(f"/{name}", recursive=True)
 
 
 def test_caches_at_urls_through_the_cli(tmp_path, dataset, memory_url, monkeypatch):

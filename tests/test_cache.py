@@ -11,7 +11,6 @@ import os
 import pickle
 import subprocess
 import sys
-import uuid
 import warnings
 from pathlib import Path
 
@@ -580,17 +579,6 @@ def test_grid_must_be_a_positive_integer(built):
 
 
 # ----------------------------------------------------------------------------- caches at URLs
-
-
-@pytest.fixture()
-def memory_url():
-    """A fresh memory:// location (fsspec's in-process file system), removed afterwards."""
-    import fsspec
-    name = f"medalign-test-{uuid.uuid4().hex[:8]}"
-    yield f"memory://{name}/cache"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(f"/{name}"):
-        fs.rm(f"/{name}", recursive=True)
 
 
 def test_a_memory_url_cache_holds_the_same_bytes_as_a_local_one(tmp_path, memory_url):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from precompute.cli import main as cache_cli
 
-from tests.test_build import kill_9_mid_build, llava_json, make_images, memory_url  # noqa: F401 (fixture)
+from tests.test_build import kill_9_mid_build, llava_json, make_images
 
 BIN = Path(sys.executable).parent
 # The same thread count everywhere: the parts must run bit-identical forwards.

@@ -454,10 +454,10 @@ def test_missing_chat_template_names_the_flag(tmp_path):
         load_student(str(path))
 
 
-def test_a_url_cache_trains_like_the_local_one(data, tmp_path):
+def test_a_url_cache_trains_like_the_local_one(data, tmp_path, memory_url):
     """--cache may be an fsspec URL: the targets stream through fsspec range reads and the
     run is the same as from the local folder (memory:// stands in for s3:// here)."""
-    url = "memory://medalign-test-train/cache"
+    url = memory_url
     build_cache(BuildConfig(teacher="tiny", random_init=True, cache=url, data=data["train"],
                             image_root=data["root"], num_workers=0), progress=False)
     local, remote = tmp_path / "local", tmp_path / "remote"
