@@ -45,7 +45,6 @@ import json
 import logging
 import platform
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +56,8 @@ from precompute.datasets import Record, load_records, resolve_image
 
 from . import metrics as M
 from .data import DistillDataset, split_errors
-from .student import DistillTap, Student, StudentError, load_alignment, load_student, make_tiny_student
+from .student import (DistillTap, Student, StudentError, load_adapter, load_alignment, load_student,
+                      make_tiny_student)
 
 log = logging.getLogger("medalign.eval")
 
@@ -122,8 +122,6 @@ def load_for_eval(run=None, *, student: str | None = None, base_only: bool = Fal
                   device: str = "auto", precision: str = "auto", pad_to_square: bool | None = None) -> EvalModel:
     """The model to evaluate. With `run`: its base student, plus (unless base_only) its
     adapter and alignment transform. Without: `student` (a path or "tiny", built in `home`)."""
-    from peft import PeftModel
-
     dev = _device(device)
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -157,9 +155,7 @@ def load_for_eval(run=None, *, student: str | None = None, base_only: bool = Fal
         if not (adapter / "adapter_config.json").is_file():
             raise EvalError(f"{run} has no final adapter ({adapter}); the run has not finished: resume it, "
                             f"or evaluate its base with --base-only")
-        with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            loaded.model = PeftModel.from_pretrained(loaded.model, adapter)
+        loaded.model = load_adapter(loaded.model, adapter)
         info["adapter"] = str(adapter)
         info["alignment"] = None
         if (run / "alignment").is_dir():

@@ -65,8 +65,8 @@ from precompute.datasets import Record, load_records
 
 from .config import RunConfig
 from .data import DistillDataset, make_collate
-from .student import (AlignmentTransform, DistillTap, StudentError, load_alignment, load_student,
-                      make_tiny_student)
+from .student import (AlignmentTransform, DistillTap, StudentError, load_adapter, load_alignment,
+                      load_student, make_tiny_student)
 
 log = logging.getLogger("medalign.distill")
 
@@ -403,8 +403,7 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
     att_before, feat_before = student_pass(student, tap, dataset, collate, dev, batch_size)
     tap.remove()
 
-    from peft import PeftModel
-    student.model = PeftModel.from_pretrained(student.model, str(adapter_dir), is_trainable=False)
+    student.model = load_adapter(student.model, adapter_dir)
     transform = identity
     if alignment_dir is not None:
         transform = load_alignment(alignment_dir).to(dev)

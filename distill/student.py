@@ -25,6 +25,7 @@ import logging
 import math
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,13 +322,28 @@ def apply_lora(student: Student, r: int = 32, alpha: int = 16, dropout: float = 
         linears = [n for n in linears if n.rsplit(".", 1)[-1] in set(target_modules)]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=linears, bias="none",
                         task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft():
         peft_model = get_peft_model(model, config)
     # get_peft_model already freezes the base; say it explicitly since it is the method.
     for name, p in peft_model.named_parameters():
         p.requires_grad_("lora_" in name)
     student.model = peft_model
+
+
+@contextmanager
+def _quiet_peft():
+    """peft calls transformers' deprecated `is_gradient_checkpointing`: its FutureWarning
+    is peft's to fix, not our users' to read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def load_adapter(model, adapter_dir) -> nn.Module:
+    """A saved run's adapter on its base model, frozen: plain `PeftModel.from_pretrained`."""
+    from peft import PeftModel
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
 
 
 # ----------------------------------------------------------------------------- alignment transform
