@@ -311,9 +311,9 @@ def torch_device(name: str):
 def online_targets(teacher, pixels):
     """The online approach: the teacher's targets for this batch, computed now and left on
     its device (packed fp16 similarity, fp32 attention, as the cache stores them)."""
-    from precompute.targets import pack_upper, patch_similarity
-    tokens, attention = teacher(pixels)
-    return {"teacher_sim": pack_upper(patch_similarity(tokens)).half(), "teacher_attn": attention.float()}
+    from precompute.build import teacher_targets_on_device
+    sim, attn = teacher_targets_on_device(teacher, pixels)
+    return {"teacher_sim": sim, "teacher_attn": attn}
 
 
 # ----------------------------------------------------------------------------- one configuration

@@ -308,10 +308,10 @@ def check_images(records: list[Record], image_root, data, on_error: str) -> tupl
     """(records whose image exists, skipped rows), before any model is loaded: with
     `fail`, one missing image is an error listing the first few."""
     missing = {}
-    for r in records:  # the student sees a record's first image only
-        path = resolve_image(image_root, r.images[0])
+    for key in dict.fromkeys(r.images[0] for r in records):  # each image once; the student sees the first
+        path = resolve_image(image_root, key)
         if not path.is_file():
-            missing.setdefault(r.images[0], path)
+            missing[key] = path
     if not missing:
         return records, []
     if on_error == "fail":

@@ -420,12 +420,13 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
     for k in images:
         _, a_t = group.targets(k, G) if k in shown else (None, None)
         teacher_attn.append(a_t)
-        sim, attn = group.native_packed(k)
+        sim, attn = group.native_packed(k, similarity=teacher_embedding == "similarity",
+                                        attention=teacher_embedding == "attention")
         teacher_vec.append(np.asarray(sim, dtype=np.float32) if teacher_embedding == "similarity"
                            else np.asarray(attn, dtype=np.float32) / float(np.max(attn)))
     out.mkdir(parents=True, exist_ok=True)
     md = group.metadata
-    fake = " [random-init teacher: NOT real targets]" if md.get("random_init") or md.get("tiny") else ""
+    fake = " [random-init teacher: NOT real targets]" if md.get("random_init") else ""
     header = (f"run {run.name}: teacher {md.get('teacher', group.name)}{fake}, student {config.student}, "
               f"layer {config.layer}, after = {where}")
 

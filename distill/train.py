@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from precompute.cache import open_cache
+from precompute.cache import default_group_name, open_cache
 from precompute.datasets import load_records
 from precompute.targets import RECIPE, bilinear_matrix, resize_attention, resize_similarity, unpack_upper
 
@@ -243,7 +243,7 @@ def _teacher_args(group) -> list[str]:
         parts.append(f"--random-init --seed {md.get('seed', 0)}")
     else:
         parts.append(f"--checkpoint {md.get('checkpoint') or 'CHECKPOINT'}")
-    if group.name != teacher.replace(":", "--").replace("/", "-"):
+    if group.name != default_group_name(teacher):
         parts.append(f"--group {group.name}")
     return parts
 
@@ -257,6 +257,8 @@ def rebuild_command(config: RunConfig, group) -> str:
         parts.append(f"--format {config.format}")
     if config.split:
         parts.append(f"--split {config.split}")
+    if config.lang != "en":
+        parts.append(f"--lang {config.lang}")
     if cache_pads_to_square(group):
         parts.append("--pad-to-square")
     return " ".join(parts)
@@ -354,8 +356,7 @@ def save_checkpoint(out: Path, step: int, model, transform, config, optimizer, s
             save_alignment(transform, tmp / "alignment", layer=config.layer)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "micro_step": step * config.grad_accum,
-                                                    "world": dist.world}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world": dist.world}))
     dist.barrier()
     if dist.main:
         tmp.rename(final)  # a checkpoint directory exists only once complete
@@ -607,7 +608,7 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         log.error("stopped at step %d: %s", step, e)
         if isinstance(e, KeyboardInterrupt):
             raise
-        kept = f"Progress up to step {saved} is saved in {out / 'checkpoints'}" if saved else "No step had finished"
+        kept = f"Progress up to step {saved} is saved in {out / 'checkpoints'}" if saved else "No checkpoint was saved"
         raise RunError(f"training stopped at step {step}: {e}\n{kept}; fix the cause and rerun the same command "
                        f"with --resume.") from e
     bar.close()

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .cache import CacheError, GroupWriter, cache_location, open_cache
+from .cache import CacheError, GroupWriter, cache_location, default_group_name, open_cache
 from .datasets import cache_keys, load_records, resolve_image
 from .images import ImageError, expand2square, load_image
 from .targets import pack_upper, patch_similarity
@@ -145,11 +145,17 @@ def _collate(items):
     return rows, pixels, bad
 
 
-def teacher_targets(teacher: Teacher, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels -> (packed fp16 similarity [B, M], fp32 CLS attention [B, P]) as stored."""
+def teacher_targets_on_device(teacher: Teacher, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels -> (packed fp16 similarity [B, M], fp32 CLS attention [B, P]), on the
+    teacher's device: what the cache stores for these images."""
     tokens, attention = teacher(pixels)
-    packed = pack_upper(patch_similarity(tokens))
-    return packed.half().cpu().numpy(), attention.float().cpu().numpy()
+    return pack_upper(patch_similarity(tokens)).half(), attention.float()
+
+
+def teacher_targets(teacher: Teacher, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """teacher_targets_on_device, as the numpy arrays the writer stores."""
+    sim, attn = teacher_targets_on_device(teacher, pixels)
+    return sim.cpu().numpy(), attn.cpu().numpy()
 
 
 class _ShardBuffer:
@@ -194,12 +200,6 @@ class _ShardBuffer:
         for f in self.pending:
             f.result()
         self.pending.clear()
-
-
-def default_group_name(teacher: str) -> str:
-    """The teacher's name, made a portable directory name ("open_clip:ViT-B-16" -> "open_clip--ViT-B-16");
-    readers find the group by the teacher name too (it is in the metadata)."""
-    return teacher.replace(":", "--").replace("/", "-")
 
 
 def build_cache(config: BuildConfig, progress: bool = True) -> BuildReport:

@@ -191,6 +191,12 @@ def cache_location(path) -> "Path | _Url":
     return _Url(fs, fspath)
 
 
+def default_group_name(teacher: str) -> str:
+    """The teacher's name, made a portable directory name ("open_clip:ViT-B-16" -> "open_clip--ViT-B-16");
+    readers find the group by the teacher name too (it is in the metadata)."""
+    return teacher.replace(":", "--").replace("/", "-")
+
+
 def is_url(path) -> bool:
     """True for a --cache value that names a URL (scheme://...), not a local folder."""
     return isinstance(path, _Url) or (isinstance(path, str) and bool(_URL.match(path)))
@@ -392,6 +398,12 @@ def _sync_metadata(gpath):
     _fsync(_with_parents(files, gpath.parent))
 
 
+def _sync_group_json(gpath):
+    """fsync the group's own zarr.json (and its folders): all an attribute update writes."""
+    if _is_local(gpath):
+        _fsync(_with_parents([gpath / "zarr.json"], gpath.parent))
+
+
 def _open_root(cache_path) -> None:
     """Create the root group, or check that an existing one is a medalign cache."""
     meta = cache_path / "zarr.json"
@@ -428,7 +440,7 @@ def _create_group(gpath, keys: list[str], attrs: dict, num_patches: int, shard_s
     attrs = {**attrs, "versions": {**attrs.get("versions", {}), **writer_versions()},
              "schema_version": SCHEMA_VERSION, "shard_size": shard_size, "num_patches": num_patches}
     zarr.create_group(store=str(gpath), attributes=attrs, overwrite=False)
-    _sync_metadata(gpath)
+    _sync_group_json(gpath)
 
 
 def _append(gpath, n_old: int, new: list[str]):
@@ -456,6 +468,7 @@ def _wait_for_part_zero(gpath, keys: list[str], metadata: dict, num_patches: int
     deadline = time.monotonic() + URL_PART_WAIT_S
     while True:
         if (gpath / "zarr.json").exists():
+            _check_root(gpath.parent)
             _existing_attrs(gpath, metadata, num_patches, shard_size)
             all_keys = _committed_keys(gpath)
             if not set(keys).difference(all_keys):
@@ -521,11 +534,12 @@ class GroupWriter:
 
         gpath = cache_path / group
         with _os_errors("create or open cache group", gpath):
-            _open_root(cache_path)
-            gpath.mkdir(exist_ok=True)
             if not _is_local(gpath) and part is not None and part[0] != 0:
+                # part 0 creates the root too: two creators of one object would race
                 all_keys = _wait_for_part_zero(gpath, keys, metadata, num_patches, shard_size, part)
             else:
+                _open_root(cache_path)
+                gpath.mkdir(exist_ok=True)
                 # Deciding "create or append" happens under a short blocking lock, so builds
                 # (or the parts of one build) starting together cannot both create the
                 # group; the parts of one build then find it created, with the same keys.
@@ -583,7 +597,7 @@ class GroupWriter:
         with _os_errors("update the attributes of cache group", self.path), \
                 _flock(self.path / "create.lock", f"group {self.group!r} of cache {self.cache_path}", blocking=True):
             zarr.open_group(str(self.path), mode="r+").attrs.update(changed)
-            _sync_metadata(self.path)
+            _sync_group_json(self.path)
         self.metadata.update(changed)
 
     def _require_lock(self, what: str):
@@ -879,10 +893,7 @@ class _RowReader:
                 if offset == MAX_UINT64:
                     raise CacheError(f"{key!r}: row {row} is marked done but {self.path} has no data for it; "
                                      f"rebuild this cache group")
-                if self.local:  # the fast path: no call between us and the pread
-                    buf = os.pread(fd, int(nbytes), int(offset))
-                else:
-                    buf = self._pread(fd, int(nbytes), int(offset))
+                buf = self._pread(fd, int(nbytes), int(offset))
         except FileNotFoundError:
             raise CacheError(f"{key!r}: shard file {self._shard_file(shard)} is missing; rebuild this cache "
                              f"group") from None
@@ -1060,5 +1071,5 @@ def open_cache(path) -> Cache:
     return Cache(path, groups)
 
 
-__all__ = ["Cache", "CacheError", "CacheLockedError", "GroupWriter", "TeacherGroup", "cache_location", "is_url",
+__all__ = ["Cache", "CacheError", "CacheLockedError", "GroupWriter", "TeacherGroup", "cache_location", "default_group_name", "is_url",
            "default_shard_size", "open_cache", "packed_size", "writer_versions"]

@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import has_dicom_magic
+from .images import DICOM_SUFFIXES, has_dicom_magic
 
 
 class DatasetError(ValueError):
@@ -46,7 +46,7 @@ class DatasetError(ValueError):
 
 
 TASKS = ("instruct", "vqa", "report", "image")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + DICOM_SUFFIXES
 LANGUAGES = ("en", "zh", "all")   # SLAKE's q_lang values, or both halves
 
 # R2Gen files hold reports, not prompts: every report record gets this one
@@ -393,8 +393,7 @@ def _r2gen(data, source: _Source) -> list[Record]:
     rows = data[split]
     labeled = _Source(source.path, source.image_root, None, [f"{split}[{i}]" for i in range(len(rows))]
                       if isinstance(rows, list) else None)
-    # The key is the split: a record's own 'split' field (R2Gen repeats it) is not a filter.
-    for label, row, _ in labeled.rows(rows, f"a list of records under {split!r}", split_of=lambda row: None):
+    for label, row, _ in labeled.rows(rows, f"a list of records under {split!r}"):
         rid = _text(row, ("id",), source, label, None)
         report = _text(row, ("report",), source, label, rid)
         paths = row.get("image_path")

@@ -196,7 +196,8 @@ def test_missing_checkpoint_names_the_download(tmp_path, dataset):
     assert "unimed_clip_vit_b16.pt" in r.output and "Traceback" not in r.output
 
 
-def _arrays(cache, group: str):
+def cache_arrays(cache, group: str = "tiny"):
+    """Every array of a group, as numpy (a folder or a URL)."""
     g = zarr.open_group(f"{cache}/{group}", mode="r")   # a folder or a URL
     return {name: g[name][:] for name in ("keys", "status", "similarity", "attention")}
 
@@ -249,13 +250,13 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, dataset):
     cache = tmp_path / "cache"
     assert "rows 4 .. 7" in kill_9_mid_build(common + ["--cache", cache])
 
-    partial = _arrays(cache, "tiny")
+    partial = cache_arrays(cache, "tiny")
     assert (partial["status"][:4] == 1).all() and (partial["status"][4:] == 0).all()
     assert (cache / "tiny" / "similarity" / "c" / "1" / "0").is_file()   # written, never committed
 
     r = run_cli(*common, "--cache", cache)
     assert r.exit_code == 0 and "6 computed" in r.output, r.output
-    resumed, reference = _arrays(cache, "tiny"), _arrays(tmp_path / "ref", "tiny")
+    resumed, reference = cache_arrays(cache, "tiny"), cache_arrays(tmp_path / "ref", "tiny")
     for name in reference:
         assert np.array_equal(resumed[name], reference[name]), name
     assert not list(cache.rglob("*.partial"))
@@ -294,9 +295,9 @@ def test_caches_at_urls_through_the_cli(tmp_path, dataset, memory_url, monkeypat
     for where in (tmp_path / "local", f"file://{tmp_path}/file-url", memory_url):
         r = run_cli(*common, "--cache", where)
         assert r.exit_code == 0 and "10 computed" in r.output, r.output
-    reference = _arrays(tmp_path / "local", "tiny")
+    reference = cache_arrays(tmp_path / "local", "tiny")
     for where in (tmp_path / "file-url", memory_url):
-        got = _arrays(where, "tiny")
+        got = cache_arrays(where, "tiny")
         for name in reference:
             assert np.array_equal(got[name], reference[name]), (where, name)
     r = run_cli("info", "--cache", memory_url)

@@ -2,7 +2,6 @@
 exactly what one process writes; distributed training matches one process."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,21 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 from click.testing import CliRunner
 
 from precompute.cli import main as cache_cli
 
+from tests.test_build import CHILD_ENV as ENV  # one thread everywhere: bit-identical forwards
+from tests.test_build import cache_arrays as arrays
 from tests.test_build import kill_9_mid_build, llava_json, make_images
 
 BIN = Path(sys.executable).parent
-# The same thread count everywhere: the parts must run bit-identical forwards.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def arrays(cache, group: str = "tiny"):
-    g = zarr.open_group(f"{cache}/{group}", mode="r")   # a folder or a URL
-    return {name: g[name][:] for name in ("keys", "status", "similarity", "attention")}
 
 
 @pytest.fixture(scope="module")

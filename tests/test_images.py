@@ -262,8 +262,6 @@ def test_dicom_colour_16bit_matches_8bit():
     assert np.abs(eight - sixteen).max() <= 1 and eight.std() > 20
 
 
-# Real multi-frame files from pydicom's test data. emri_small.dcm (10-frame MR) is not in
-# the wheel but in pydicom-data, fetched on demand: used only where already present.
 # Multi-frame files inside the pydicom wheel (others, e.g. emri_small.dcm, are downloaded on demand).
 REAL_MULTIFRAME = ["examples_ybr_color.dcm", "rtdose.dcm"]
 

@@ -73,14 +73,13 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- measurement
 
 @torch.no_grad()
-def measure_run(run: Path, test_json: Path, image_root: Path, group, masks: dict) -> dict:
+def measure_run(em, test_json: Path, image_root: Path, group, masks: dict) -> dict:
     """Grounding and similarity-structure error of a trained run on the test split.
 
-    The run is loaded the way `medalign-distill eval` loads it (base + adapter + its own
-    alignment transform); a DistillTap then captures the prompt->visual attention at layer l
+    `em`: the run as `medalign-distill eval` loads it (base + adapter + its own alignment
+    transform, `load_for_eval`); its tap is replaced: a DistillTap then captures the prompt->visual attention at layer l
     and the visual hidden states at layer l-1 (the run's transform, or an identity one for
     runs without it: W = 0, so the states are exactly the layer's output)."""
-    em = load_for_eval(run, device="cpu")
     transform = em.tap.transform if em.tap is not None else None
     if em.tap is not None:
         em.tap.remove()
@@ -157,12 +156,13 @@ def student_run(task: dict) -> dict:
                        seed=seed, save_every=10**6, log_every=10**6)
     train(config, progress=False)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    em = load_for_eval(run, device="cpu")  # loaded once: answers, then attention and features
     dest = evaluate(ds["test"], ds["image_root"], run=run, batch_size=32, max_new_tokens=24, meteor=False,
-                    progress=False, device="cpu")
+                    progress=False, device="cpu", model=em)
     h = headline(json.loads((dest / "metrics.json").read_text()))
     kinds = per_kind_accuracy(dest)
     group = open_cache(out / "cache")["tiny"]
-    g = measure_run(run, ds["test"], ds["image_root"], group, D.load_masks(ds["root"]))
+    g = measure_run(em, ds["test"], ds["image_root"], group, D.load_masks(ds["root"]))
     return {"seed": seed, "closed_acc": h["closed_acc"], "open_recall": h["open_recall"],
             "where_acc": kinds["where"], "type_acc": kinds["type"], "present_acc": kinds["present"], **g,
             "final_ntp": metrics[-1]["ntp"], "final_vis": metrics[-1].get("vis"),
@@ -295,7 +295,8 @@ def main(argv=None) -> dict:
     report = build_cache(BuildConfig(teacher="tiny", cache=out / "cache", image_root=ds["image_root"],
                                      checkpoint=out / "teacher.pt", batch_size=64, num_workers=0))
     group = open_cache(out / "cache")["tiny"]
-    test_keys = sorted({r.images[0] for r in load_records(ds["test"], ds["image_root"])})
+    test_records = load_records(ds["test"], ds["image_root"])
+    test_keys = sorted({r.images[0] for r in test_records})
     tg = teacher_grounding(group, masks, test_keys)
     timings["teacher_and_cache_s"] = time.perf_counter() - t0
     log(f"  cache: {report.computed} images; teacher CLS attention in lesion mask {tg['inside']:.3f} "
@@ -306,7 +307,7 @@ def main(argv=None) -> dict:
     results = {"configs": {c: [] for c in configs}}
     attn_maps = {}
     n_train_q = len(load_records(ds["train"], ds["image_root"]))
-    n_test_q = len(load_records(ds["test"], ds["image_root"]))
+    n_test_q = len(test_records)
     tasks = [{"ds": ds, "name": name, "seed": seed, "out": str(out), "lr": args.lr, "steps": S["student_steps"]}
              for seed in range(S["seeds"]) for name in configs]
     log(f"  {len(tasks)} runs, {jobs} at a time, {args.threads} torch thread(s) each")
