@@ -1,6 +1,6 @@
 """A small, honest grounding experiment for MedAlign, end to end on a laptop CPU.
 
-    .venv/bin/python examples/grounding/run.py                 # full: 3 seeds, ~10 min on 2 CPU cores
+    .venv/bin/python examples/grounding/run.py                 # full: 3 seeds, ~11 min on 2 CPU cores (2 runs at a time)
     .venv/bin/python examples/grounding/run.py --fast          # smoke: 1 seed, few steps, < 40 s
 
 1. data.py writes a seeded synthetic dataset (scans with a lesion, VQA, reports, masks).
