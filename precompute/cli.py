@@ -7,7 +7,6 @@ a user can fix become one line and exit code 1, not a traceback.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -123,9 +122,11 @@ def info(cache_path, as_json):
         return
     for name, s in out.items():
         md = s["metadata"]
-        flags = [f for f in ("random_init", "tiny") if md.get(f)]
-        click.echo(f"{name}: {md.get('arch')} grid {math.isqrt(md['num_patches'])} ({md['num_patches']} patches)"
-                   f"{' [' + ', '.join(flags) + ': NOT real targets]' if flags else ''}")
+        # Random weights make targets meaningless; the tiny architecture with trained weights
+        # is a toy, not a fake (the same rule as training's warnings and the pictures).
+        note = (" [random_init: NOT real targets]" if md.get("random_init")
+                else " [tiny: toy architecture]" if md.get("tiny") else "")
+        click.echo(f"{name}: {md.get('arch')} grid {md.get('native_grid')} ({md['num_patches']} patches){note}")
         click.echo(f"  samples {s['samples']}: {s['done']} done, {s['pending']} pending, "
                    f"{s['failed']} failed; {s['bytes'] / 1e6:.1f} MB on disk"
                    f" ({s['bytes'] / max(s['done'], 1) / 1e3:.1f} KB per done sample)")
