@@ -104,7 +104,8 @@ def make_student(out: Path, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, MistralConfig)
 
-    from distill.student import TINY_CHAT_TEMPLATE, _tiny_tokenizer
+    from distill.student import _tiny_tokenizer
+    from distill.templates import CHAT_TEMPLATES
 
     tokenizer = _tiny_tokenizer()
     vision = CLIPVisionConfig(image_size=STUDENT_IMAGE, patch_size=STUDENT_PATCH, hidden_size=64,
@@ -130,7 +131,7 @@ def make_student(out: Path, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
                                          crop_size={"height": STUDENT_IMAGE, "width": STUDENT_IMAGE})
     LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=STUDENT_PATCH,
                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                   image_token="<image>", chat_template=TINY_CHAT_TEMPLATE).save_pretrained(out)
+                   image_token="<image>", chat_template=CHAT_TEMPLATES["mistral_instruct"]).save_pretrained(out)
     return out
 
 

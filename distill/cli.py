@@ -16,6 +16,7 @@ from precompute.datasets import LANGUAGES, DatasetError
 from precompute.images import ImageError
 
 from .config import RunConfig, load_config_file
+from .templates import CHAT_TEMPLATES
 
 USER_ERRORS = (CacheError, DatasetError, ImageError, KeyError, ValueError, FileNotFoundError)
 
@@ -76,8 +77,9 @@ def _opt(*names, **kw):
 @_opt("--attn-loss", type=click.Choice(["kl", "softmax-kl"]), help="Attention loss form [kl, the reference].")
 @_opt("--attn-temperature", type=float, help="Temperature of softmax-kl [1.0].")
 @_opt("--pad-to-square/--no-pad-to-square", help="Pad images to square [follow the cache's teacher].")
-@_opt("--chat-template", type=click.Choice(["mistral_instruct", "llava_v1"]),
-      help="Prompt style for students whose checkpoint has no chat template [the checkpoint's own].")
+@_opt("--chat-template", type=click.Choice(sorted(CHAT_TEMPLATES)),
+      help="Prompt template by name, instead of the student's own [the student's; converted students carry "
+           "the one MedAlign used].")
 @_opt("--lora-r", type=int, help="LoRA rank [32].")
 @_opt("--lora-alpha", type=int, help="LoRA alpha [16].")
 @_opt("--lora-dropout", type=float, help="LoRA dropout [0.05].")
@@ -126,6 +128,42 @@ def run(config_file, quiet, **flags):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise click.ClickException(str(msg)) from e
     click.echo(f"run finished: {out}")
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Local folder of a LLaVA-codebase checkpoint (llava-med-v1.5-mistral-7b, HuatuoGPT-Vision-7B).")
+@click.option("--vision-tower", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local folder of openai/clip-vit-large-patch14-336 (LLaVA-Med runs with its weights; "
+                   "HuatuoGPT-Vision takes only its config and image processor) [mm_vision_tower if local].")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the converted student.")
+@click.option("--chat-template", type=click.Choice(sorted(CHAT_TEMPLATES)), default=None,
+              help="Default prompt template to store [the one MedAlign trains this student with].")
+@click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
+def convert(model_dir, vision_tower, out, chat_template, quiet):
+    """Convert a LLaVA-Med / HuatuoGPT-Vision checkpoint into a transformers LLaVA folder (offline).
+
+    \b
+    medalign-distill convert --model ~/llava-med-v1.5-mistral-7b \\
+        --vision-tower ~/clip-vit-large-patch14-336 --out ~/models/llava-med-v1.5-hf
+    medalign-distill convert --model ~/HuatuoGPT-Vision-7B --vision-tower ~/clip-vit-large-patch14-336 \\
+        --out ~/models/huatuogpt-vision-7b-hf
+
+    The result is what --student takes; medalign.json in it records the template,
+    the image geometry and which vision-tower weights were used.
+    """
+    from .convert import ConvertError, describe
+    from .convert import convert as run_convert
+
+    try:
+        with _quiet_libraries(quiet):
+            record = run_convert(model_dir, out, vision_tower=vision_tower, chat_template=chat_template,
+                                 progress=not quiet)
+    except (ConvertError, *USER_ERRORS) as e:
+        raise click.ClickException(str(e)) from e
+    for line in describe(record):
+        click.echo(line)
+    click.echo(f"converted: {out} (use it as --student)")
 
 
 @main.command("eval")
@@ -192,9 +230,11 @@ def eval_(run_dir, student, out, base_only, data, image_root, quiet, **kw):
     vqa = m.get("vqa")
     if vqa:
         fmt = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
-        click.echo(f"closed accuracy {fmt(vqa['closed']['accuracy'])} (LLaVA-Med rule "
-                   f"{fmt(vqa['closed']['accuracy_llava_med'])}, n={vqa['closed']['n']}), open recall "
-                   f"{fmt(vqa['open']['recall'])} (n={vqa['open']['n']})")
+        med = vqa["medalign"]
+        click.echo(f"as MedAlign reports it: closed {fmt(med['closed_accuracy'])} (n={med['closed_n']}), open recall "
+                   f"{fmt(med['open_recall'])} (n={med['open_n']}); our closed accuracy "
+                   f"{fmt(vqa['closed']['accuracy'])}, LLaVA-Med rule {fmt(vqa['closed']['accuracy_llava_med'])} "
+                   f"(n={vqa['closed']['n']})")
     text = m.get("text", {}).get("all")
     if text:
         click.echo("  ".join(f"{k} {'—' if text.get(k) is None else f'{100 * text[k]:.2f}'}"

@@ -17,6 +17,8 @@ from typing import Any
 from precompute.cache import is_url
 from precompute.datasets import LANGUAGES
 
+from .templates import CHAT_TEMPLATES
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -38,8 +40,8 @@ class RunConfig:
     align_rank: int | None = None    # None: full D x D W; r: low-rank W = B A
     attn_loss: str = "kl"            # "kl" (reference) | "softmax-kl"
     attn_temperature: float = 1.0
-    pad_to_square: bool | None = None  # None: follow the cache's teacher preprocessing
-    chat_template: str | None = None   # None: the student's own; or "mistral_instruct" / "llava_v1"
+    pad_to_square: bool | None = None  # None: the student's geometry if it declares one, else the cache's
+    chat_template: str | None = None   # None: the student's own; else a name in distill.templates.CHAT_TEMPLATES
     # LoRA
     lora_r: int = 32
     lora_alpha: int = 16
@@ -79,6 +81,9 @@ class RunConfig:
             problems.append("alpha and beta must be >= 0")
         if self.lang not in LANGUAGES:
             problems.append(f"lang must be one of {', '.join(LANGUAGES)}, got {self.lang!r}")
+        if self.chat_template is not None and self.chat_template not in CHAT_TEMPLATES:
+            problems.append(f"chat_template must be one of {', '.join(sorted(CHAT_TEMPLATES))}, "
+                            f"got {self.chat_template!r}")
         if self.attn_loss not in ("kl", "softmax-kl"):
             problems.append(f"attn_loss must be 'kl' or 'softmax-kl', got {self.attn_loss!r}")
         if self.attn_temperature <= 0:

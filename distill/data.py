@@ -22,6 +22,8 @@ from precompute.cache import CacheError, TeacherGroup
 from precompute.datasets import DatasetError, Record, resolve_image
 from precompute.images import ImageError, expand2square, load_image
 
+from .templates import tokenize_prompt
+
 
 class SampleError(ValueError):
     """A training sample that cannot be turned into a batch; names the record."""
@@ -58,26 +60,31 @@ class Encoded:
 def encode(processor, record: Record, num_visual_tokens: int, max_length: int) -> Encoded:
     """Tokenise a record with the student's chat template; labels only on answers.
 
-    The template is rendered for growing prefixes of the conversation so every
-    answer's token span is found by prefix lengths, whatever the template's
-    markup (Mistral [INST], llava_v1 USER/ASSISTANT, ...).
+    The template is rendered for growing prefixes of the conversation, so every
+    answer's tokens (and the end marker after it, e.g. "</s>") are the difference
+    between the prompt that asks for it and the text that contains it: exactly the
+    tokens LLaVA's preprocessing leaves unmasked, whatever the template's markup.
+    Tokens come from `templates.tokenize_prompt` (LLaVA's chunk-wise tokenisation).
     """
     tok = processor.tokenizer
     image_token = processor.image_token
-    expand = lambda text: text.replace(image_token, image_token * num_visual_tokens, 1)  # noqa: E731
-
-    # Some templates write BOS themselves, others (most llava-hf ones) rely on the
-    # tokenizer adding it: add it only when the tokenizer would and the text lacks it.
-    bos = tok.bos_token_id
-    tokenizer_adds_bos = bos is not None and tok("x")["input_ids"][:1] == [bos]
+    image_token_id = tok.convert_tokens_to_ids(image_token)
+    # Templates written for tokenizers that add no BOS spell it out; the originals'
+    # tokenizers add it themselves, so a spelled-out one is dropped, never doubled.
+    bos_text = tok.bos_token if tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id] \
+        else None
 
     def ids(messages, generation_prompt):
         text = processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
         if image_token not in text:
             raise SampleError(f"record {record.id!r}: the student's chat template dropped the image token "
                               f"{image_token!r}; check the processor's chat_template")
-        out = tok(expand(text), add_special_tokens=False)["input_ids"]
-        return [bos] + out if tokenizer_adds_bos and out[:1] != [bos] else out
+        if bos_text and text.startswith(bos_text):
+            text = text[len(bos_text):]
+        out = []
+        for x in tokenize_prompt(tok, text, image_token, image_token_id):
+            out.extend([x] * num_visual_tokens if x == image_token_id else [x])
+        return out
 
     input_ids: list[int] = []
     labels: list[int] = []
@@ -90,7 +97,6 @@ def encode(processor, record: Record, num_visual_tokens: int, max_length: int) -
         labels += [-100] * (len(prompt_ids) - len(input_ids)) + full_ids[len(prompt_ids):]
         input_ids = full_ids
         if t == 0:
-            image_token_id = tok.convert_tokens_to_ids(image_token)
             visual = [i for i, x in enumerate(prompt_ids) if x == image_token_id]
             query_rows = (visual[-1] + 1, len(prompt_ids))
     if query_rows[0] >= query_rows[1]:

@@ -57,7 +57,7 @@ from precompute.datasets import Record, load_records, resolve_image
 from . import metrics as M
 from .data import DistillDataset, split_errors
 from .student import (DistillTap, Student, StudentError, load_adapter, load_alignment, load_student,
-                      make_tiny_student)
+                      make_tiny_student, student_geometry)
 
 log = logging.getLogger("medalign.eval")
 
@@ -99,8 +99,12 @@ def read_run_config(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _run_pad_to_square(run: Path, config: dict) -> bool:
-    """As training decided: the config's value, else the cache teacher's preprocessing."""
+def run_pad_to_square(run: Path, config: dict) -> bool:
+    """The image geometry the run trained with: its student.json (written by training),
+    else, for runs from before it, the config's value or the cache teacher's preprocessing."""
+    record = Path(run) / "student.json"
+    if record.is_file():
+        return bool(json.loads(record.read_text())["pad_to_square"])
     if config.get("pad_to_square") is not None:
         return bool(config["pad_to_square"])
     meta = Path(run) / "cache_metadata.json"
@@ -133,14 +137,15 @@ def load_for_eval(run=None, *, student: str | None = None, base_only: bool = Fal
             raise EvalError(f"--student {student!r} differs from the run's student {config['student']!r}; "
                             f"a run is evaluated on the base it was trained from")
         base_dir = _student_dir(config["student"], run, seed=int(config.get("seed", 0)))
-        pad = _run_pad_to_square(run, config) if pad_to_square is None else pad_to_square
+        pad = run_pad_to_square(run, config) if pad_to_square is None else pad_to_square
         info.update(run=str(run), student=config["student"])
     else:
         if student is None:
             raise EvalError("give --run RUN (a trained run) or --student PATH_OR_tiny with --out DIR (a base model)")
         base_only = True
         base_dir = _student_dir(student, Path(home))
-        pad = bool(pad_to_square)
+        # a base student is shown images the way it was trained (converted students say how)
+        pad = pad_to_square if pad_to_square is not None else bool(student_geometry(str(base_dir)))
         info.update(student=student)
     info["student_path"] = str(base_dir)
     loaded = load_student(str(base_dir), dtype=dtype, device=str(dev),
@@ -237,6 +242,7 @@ def generate_batch(em: EvalModel, batch, *, num_beams: int = 1, max_new_tokens: 
                                pixel_values=batch["pixel_values"].to(dev, dtype=s.model.dtype),
                                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                num_return_sequences=1, use_cache=True, pad_token_id=pad_id,
+                               suppress_tokens=[s.image_token_id],  # a placeholder, never an answer
                                eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
     return out[:, input_ids.shape[1]:]
 
@@ -264,10 +270,14 @@ def score_predictions(rows: list[dict], meteor: bool = True) -> dict:
     """metrics.json's scores from predictions.jsonl rows (those with a reference)."""
     scored = [r for r in rows if r["answer"]]
     result: dict = {"n": len(rows), "n_with_reference": len(scored)}
-    vqa = [r for r in scored if r.get("answer_type") in ("closed", "open")]
+    # Questions: every row with an answer type, and (as MedAlign's run_eval.py counts them, as
+    # closed) the untyped rows of a file that has typed ones; reports are never questions.
+    typed = any(r.get("answer_type") in ("closed", "open") for r in scored)
+    vqa = [r for r in scored if r.get("answer_type") in ("closed", "open")
+           or (typed and r.get("answer_type") is None and r.get("task") != "report")]
     if vqa:
         result["vqa"] = M.vqa_metrics([r["prediction"] for r in vqa], [r["answer"] for r in vqa],
-                                      [r["answer_type"] for r in vqa])
+                                      [r.get("answer_type") for r in vqa])
     groups = {"all": scored}
     if vqa:
         groups.update({t: [r for r in scored if r.get("answer_type") == t] for t in ("closed", "open")})
@@ -468,6 +478,7 @@ def headline(metrics: dict) -> dict:
     if vqa:
         out["closed_acc"] = vqa["closed"]["accuracy"]
         out["closed_acc_llava_med"] = vqa["closed"]["accuracy_llava_med"]
+        out["closed_acc_medalign"] = vqa["medalign"]["closed_accuracy"]   # the paper's closed column
         out["open_recall"] = vqa["open"]["recall"]
         out["vqa_overall"] = vqa["overall"]["score"]
     text = metrics.get("text", {}).get("all")

@@ -1,4 +1,5 @@
-"""MedAlign's two distillation losses, as pure tensor functions (METHOD.md, "Student losses").
+"""MedAlign's two distillation losses and the next-token loss, as pure tensor functions
+(docs/method.md, "Student losses").
 
 - `visual_alignment_loss`: the student's visual tokens (after the alignment transform)
   should relate to each other the way the teacher's patches do: MSE between the
@@ -79,3 +80,17 @@ def attention_distill_loss(student_attn: torch.Tensor, teacher_attn: torch.Tenso
         kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
         return kl * temperature ** 2
     raise ValueError(f"attention_distill_loss: mode must be 'kl' or 'softmax-kl', got {mode!r}")
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, never: int | None = None) -> torch.Tensor:
+    """SUM over the learned positions of -log p(label), float32: logits [B, T, V] predict
+    labels [B, T] shifted by one; labels -100 are not learned.
+
+    `never`: a token id the model may never predict, whose logit is dropped from the
+    softmax: the image placeholder, which a converted student gained as an extra
+    vocabulary row (distill/convert.py), so the loss over the original vocabulary is
+    exactly the original model's."""
+    flat = logits[:, :-1].flatten(0, 1).float()
+    if never is not None:
+        flat = flat.index_fill(1, torch.tensor([never], device=flat.device), float("-inf"))
+    return F.cross_entropy(flat, labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")

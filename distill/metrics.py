@@ -1,43 +1,47 @@
 """Scores of generated answers against references: pure functions, no model.
 
-VQA, as the medical VQA benchmarks report it (VQA-RAD, SLAKE, PathVQA; METHOD.md
-"Evaluation used by the paper"): accuracy on closed questions, recall of the
-ground-truth answer's tokens on open ones. The conventions are LLaVA-Med's
-(`llava/eval/run_eval_batch.py` and `eval_metrics/` in microsoft/LLaVA-Med),
-re-implemented here; the exact rules:
+VQA, as the medical VQA benchmarks report it (VQA-RAD, SLAKE, PathVQA): accuracy on
+closed questions, recall of the ground-truth answer's tokens on open ones. The
+conventions are LLaVA-Med's and MedAlign's evaluation code, re-implemented here
+(read at Aofei-Chang/MedAlign fbefd179, llava-med-1.5/llava/eval/run_eval.py and
+eval_metrics/{glossary,evaluate_metrics}.py, the same files as LLaVA-Med's
+llava/eval/); the exact rules:
 
-normalize_answer(text)            LLaVA-Med's `normalize_word`:
+normalize_answer(text)            the toolkit's `normalize_word` (eval_metrics/glossary.py):
     1. each of  ; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !  is deleted where the text
        has it next to a space (or the text holds a digit,digit group), else replaced
        by a space (so "left-sided" -> "left sided", "yes, it is" -> "yes it is");
     2. every "." not followed by a digit is deleted ("3.5" keeps its point), at most
-       32 of them (LLaVA-Med passes re.UNICODE (= 32) as re.sub's count);
+       32 of them (the toolkit passes re.UNICODE (= 32) as re.sub's count);
     3. lowercased and split on whitespace; number words none/zero/one..ten become
-       digits ("none" -> "0", as there); the articles a/an/the are dropped;
-    4. joined by single spaces, remaining commas deleted.
-    Not applied: the VQA toolkit's contraction table ("dont" -> "don't"), which
-    never touches a yes/no or medical answer word.
+       digits ("none" -> "0"); the articles a/an/the are dropped;
+    4. the VQA contraction table: "dont" -> "don't", "isnt" -> "isn't", ... (CONTRACTIONS);
+    5. joined by single spaces, remaining commas deleted.
 
-closed_hit(prediction, reference)   -> `closed_accuracy`, the headline closed score:
+Three closed-question rules, each its own key in metrics.json:
+closed_hit(prediction, reference)   -> `closed_accuracy`, our headline closed score:
     both normalised; a yes/no reference counts as correct iff the FIRST word of the
     prediction that is "yes" or "no" equals it ("No, there is no effusion" answers
     "no"; "not"/"normal"/"node" are not "no"; no yes/no word at all is wrong); any
     other closed reference (a choice: "left", "ct", "axial") counts iff its words
     appear as a contiguous run of whole words in the prediction.
 closed_hit_llava_med(...)           -> `closed_accuracy_llava_med`:
-    LLaVA-Med's own rule (run_eval_batch.py, the version that counts misses):
-    correct iff the normalised reference is a SUBSTRING of the normalised
-    prediction, so "no" is found in "normal" or "node", and "yes or no" is right
-    whatever the reference. Reported for comparison with published numbers, which
-    come from this rule. (The older run_eval.py drops wrong yes/no answers from the
-    denominator entirely; that bug is not reproduced.)
-open_recall(prediction, reference)  -> `open_recall`, the headline open score:
-    LLaVA-Med's `calculate_f1score` recall on normalised (twice, as there),
-    whitespace-split words:
+    LLaVA-Med's run_eval_batch.py rule: correct iff the normalised reference is a
+    SUBSTRING of the normalised prediction, so "no" is found in "normal" or "node",
+    and "yes or no" is right whatever the reference.
+closed_hit_medalign(...)            -> `closed_accuracy_medalign`, the number MedAlign reports:
+    run_eval.py's `evaluate`: both lowercased and normalised; correct iff "yes" or
+    "no" occurs SOMEWHERE in the prediction (a substring: also in "know", "nodule",
+    "not") AND the reference is a substring of it. So a choice answer ("left", "CT")
+    counts only when the prediction also happens to contain yes/no. run_eval.py counts
+    a row WITHOUT an answer_type as closed; `medalign` in vqa_metrics follows that.
+open_recall(prediction, reference)  -> `open_recall`, the open score of all three:
+    the toolkit's `calculate_f1score` recall on normalised (twice, as run_eval.py
+    does), whitespace-split words:
     tp = sum, over the distinct words in both, of the word's count in the
     PREDICTION; fn = sum of the reference counts of reference words absent from
     the prediction; recall = tp / (tp + fn); 0 when either side is empty or tp = 0.
-    (Counting the prediction's repeats in tp is LLaVA-Med's, kept for comparable
+    (Counting the prediction's repeats in tp is the toolkit's, kept for comparable
     numbers: "x x x" against "x y" is 3/4, not 1/2.) `open_f1` is the F1 from the
     same counts (precision = tp / (tp + fp), fp = prediction words not in the
     reference).
@@ -77,9 +81,35 @@ _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3",
 _ARTICLES = {"a", "an", "the"}
 YES_NO = ("yes", "no")
 
+# The VQA toolkit's contraction table (eval_metrics/glossary.py `contractions`), "from to"
+# per entry. Its capitalised keys ("Im", "Ive", "Id've", "I'dve") are left out: words
+# are lowercased before the lookup, so they never apply.
+CONTRACTIONS = dict(pair.split() for pair in """
+aint ain't|arent aren't|cant can't|couldve could've|couldnt couldn't|couldn'tve couldn't've
+couldnt've couldn't've|didnt didn't|doesnt doesn't|dont don't|hadnt hadn't|hadnt've hadn't've
+hadn'tve hadn't've|hasnt hasn't|havent haven't|hed he'd|hed've he'd've|he'dve he'd've|hes he's
+howd how'd|howll how'll|hows how's|isnt isn't|itd it'd|itd've it'd've|it'dve it'd've|itll it'll
+let's let's|maam ma'am|mightnt mightn't|mightnt've mightn't've|mightn'tve mightn't've|mightve might've
+mustnt mustn't|mustve must've|neednt needn't|notve not've|oclock o'clock|oughtnt oughtn't
+ow's'at 'ow's'at|'ows'at 'ow's'at|'ow'sat 'ow's'at|shant shan't|shed've she'd've|she'dve she'd've
+she's she's|shouldve should've|shouldnt shouldn't|shouldnt've shouldn't've|shouldn'tve shouldn't've
+somebody'd somebodyd|somebodyd've somebody'd've|somebody'dve somebody'd've|somebodyll somebody'll
+somebodys somebody's|someoned someone'd|someoned've someone'd've|someone'dve someone'd've
+someonell someone'll|someones someone's|somethingd something'd|somethingd've something'd've
+something'dve something'd've|somethingll something'll|thats that's|thered there'd|thered've there'd've
+there'dve there'd've|therere there're|theres there's|theyd they'd|theyd've they'd've|they'dve they'd've
+theyll they'll|theyre they're|theyve they've|twas 'twas|wasnt wasn't|wed've we'd've|we'dve we'd've
+weve we've|werent weren't|whatll what'll|whatre what're|whats what's|whatve what've|whens when's
+whered where'd|wheres where's|whereve where've|whod who'd|whod've who'd've|who'dve who'd've|wholl who'll
+whos who's|whove who've|whyll why'll|whyre why're|whys why's|wont won't|wouldve would've
+wouldnt wouldn't|wouldnt've wouldn't've|wouldn'tve wouldn't've|yall y'all|yall'll y'all'll
+y'allll y'all'll|yall'd've y'all'd've|y'alld've y'all'd've|y'all'dve y'all'd've|youd you'd
+youd've you'd've|you'dve you'd've|youll you'll|youre you're|youve you've
+""".replace("\n", "|").strip("|").split("|"))
+
 
 def normalize_answer(text: str) -> str:
-    """LLaVA-Med's answer normalisation (the rule is in the module docstring)."""
+    """The VQA toolkit's answer normalisation, normalize_word (the rule is in the module docstring)."""
     text = str(text)
     out = text
     has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
@@ -90,7 +120,8 @@ def normalize_answer(text: str) -> str:
             out = out.replace(p, " ")
     out = _PERIOD.sub("", out, count=32)
     words = [_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
-    return " ".join(w for w in words if w not in _ARTICLES).replace(",", "")
+    words = [CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(words).replace(",", "")
 
 
 def _words(text: str) -> list[str]:
@@ -114,6 +145,13 @@ def closed_hit(prediction: str, reference: str) -> float:
 def closed_hit_llava_med(prediction: str, reference: str) -> float:
     """LLaVA-Med's closed rule: normalised reference is a substring of the normalised prediction."""
     return float(normalize_answer(reference) in normalize_answer(prediction))
+
+
+def closed_hit_medalign(prediction: str, reference: str) -> float:
+    """MedAlign's closed rule (run_eval.py): a yes/no somewhere in the prediction, and the
+    reference inside it, both lowercased and normalised."""
+    pred, ref = normalize_answer(str(prediction).lower()), normalize_answer(str(reference).lower())
+    return float(("yes" in pred or "no" in pred) and ref in pred)
 
 
 def _overlap(prediction: str, reference: str) -> tuple[int, int, int]:
@@ -152,19 +190,27 @@ def question_score(prediction: str, reference: str, answer_type: str) -> float:
 def vqa_metrics(predictions, references, answer_types) -> dict:
     """Per answer type and overall, as fractions in [0, 1] with counts.
 
-    answer_types: "closed" | "open" per question (others are ignored)."""
+    answer_types: "closed" | "open" | None per question. "closed"/"open" feed our
+    scores; "medalign" reproduces run_eval.py, which counts a question without an
+    answer type as closed."""
     if not len(predictions) == len(references) == len(answer_types):
         raise ValueError("vqa_metrics: predictions, references and answer_types differ in length")
-    closed = [(p, r) for p, r, t in zip(predictions, references, answer_types) if t == "closed"]
-    open_ = [(p, r) for p, r, t in zip(predictions, references, answer_types) if t == "open"]
+    rows = list(zip(predictions, references, answer_types))
+    closed = [(p, r) for p, r, t in rows if t == "closed"]
+    open_ = [(p, r) for p, r, t in rows if t == "open"]
+    closed_medalign = [(p, r) for p, r, t in rows if t in ("closed", None)]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     out = {
         "closed": {"n": len(closed),
                    "accuracy": mean([closed_hit(p, r) for p, r in closed]),
-                   "accuracy_llava_med": mean([closed_hit_llava_med(p, r) for p, r in closed])},
+                   "accuracy_llava_med": mean([closed_hit_llava_med(p, r) for p, r in closed]),
+                   "accuracy_medalign": mean([closed_hit_medalign(p, r) for p, r in closed])},
         "open": {"n": len(open_),
                  "recall": mean([open_recall(p, r) for p, r in open_]),
                  "f1": mean([open_f1(p, r) for p, r in open_])},
+        "medalign": {"closed_n": len(closed_medalign),
+                     "closed_accuracy": mean([closed_hit_medalign(p, r) for p, r in closed_medalign]),
+                     "open_n": len(open_), "open_recall": mean([open_recall(p, r) for p, r in open_])},
     }
     scores = [closed_hit(p, r) for p, r in closed] + [open_recall(p, r) for p, r in open_]
     out["overall"] = {"n": len(scores), "score": mean(scores)}
@@ -277,8 +323,14 @@ def implementations(meteor_used: bool, meteor_reason: str | None = None) -> dict
                            "on LLaVA-Med's normalize_word",
         "closed_accuracy_llava_med": "distill.metrics.closed_hit_llava_med (LLaVA-Med run_eval_batch.py rule: "
                                      "normalised reference is a substring of the normalised prediction)",
-        "open_recall": "distill.metrics.open_recall (LLaVA-Med calculate_f1score recall)",
-        "open_f1": "distill.metrics.open_f1 (LLaVA-Med calculate_f1score F1)",
+        "closed_accuracy_medalign": "distill.metrics.closed_hit_medalign (MedAlign llava-med-1.5/llava/eval/"
+                                    "run_eval.py evaluate(): 'yes' or 'no' in the prediction AND the reference "
+                                    "in it; rows without answer_type count as closed in vqa.medalign)",
+        "open_recall": "distill.metrics.open_recall (eval_metrics/evaluate_metrics.py calculate_f1score recall, "
+                       "as run_eval.py reports it)",
+        "open_f1": "distill.metrics.open_f1 (calculate_f1score F1)",
+        "normalization": "distill.metrics.normalize_answer (eval_metrics/glossary.py normalize_word, with its "
+                         "contraction table)",
         "tokenization": "distill.metrics.tokenize_report (lowercase, punctuation dropped) before pycocoevalcap",
         "BLEU_1-4": f"{coco} bleu.Bleu(4), corpus-level, option 'closest'",
         "ROUGE_L": f"{coco} rouge.Rouge (beta 1.2), mean over samples",

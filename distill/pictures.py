@@ -65,6 +65,7 @@ from precompute.datasets import Record, load_records
 
 from .config import RunConfig
 from .data import DistillDataset, make_collate
+from .evaluate import run_pad_to_square
 from .student import (AlignmentTransform, DistillTap, StudentError, load_adapter, load_alignment,
                       load_student, make_tiny_student)
 
@@ -389,9 +390,7 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
                            chat_template=config.chat_template)
     if student.num_layers <= config.layer:
         raise PicturesError(f"layer {config.layer} of the run does not exist in {student_path}")
-    pad = config.pad_to_square
-    if pad is None:
-        pad = bool(group.metadata.get("preprocessing", {}).get("pad_to_square"))
+    pad = run_pad_to_square(run, config.to_dict())  # the geometry the run trained with
     first = [by_image[k][0] for k in images]  # the prompt each image is shown with
     dataset = DistillDataset(first, image_root, student.processor, student.num_visual_tokens, config.max_length,
                              None, pad)

@@ -33,19 +33,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .templates import CHAT_TEMPLATES, template_name
+
 log = logging.getLogger(__name__)
 
 STUDENT_WEIGHTS_HINT = (
     "The student must be a local directory holding a transformers-format LLaVA checkpoint "
     "(config.json with model_type \"llava\", i.e. LlavaForConditionalGeneration weights, plus its "
-    "tokenizer, image processor and chat template, as written by save_pretrained). For the paper's "
-    "student use a transformers (\"-hf\") conversion of microsoft/llava-med-v1.5-mistral-7b: the "
-    "original repository is in the LLaVA codebase format (model_type \"llava_mistral\") and "
-    "transformers cannot load it as is; convert it with transformers' LLaVA conversion script "
-    "(models/llava/convert_llava_weights_to_hf.py in the transformers source tree) or download an "
-    "existing conversion on a machine with internet access and copy the directory here. "
-    "For a dry run without weights, pass --student tiny."
+    "tokenizer, image processor and chat template, as written by save_pretrained). The paper's students "
+    "come in the LLaVA codebase format (microsoft/llava-med-v1.5-mistral-7b: \"llava_mistral\"; "
+    "FreedomIntelligence/HuatuoGPT-Vision-7B: \"llava_qwen2\"): convert them once, offline, with "
+    "`medalign-distill convert --model DIR [--vision-tower CLIP_DIR] --out DIR_HF` (README, "
+    "\"Reproduce MedAlign\"). For a dry run without weights, pass --student tiny."
 )
+
+# What `medalign-distill convert` records next to a converted checkpoint (distill/convert.py).
+CONVERSION_RECORD = "medalign.json"
 
 
 class StudentError(ValueError):
@@ -61,51 +64,18 @@ class Student:
     num_visual_tokens: int       # G * G tokens per image, as the vision tower + projector produce them
     num_layers: int              # decoder layers of the language model
     hidden_size: int             # D of the language model
+    chat_template: str | None = None     # registered name of the template in use (None: the checkpoint's own)
+    pad_to_square: bool | None = None    # the geometry the student was trained with (None: not declared)
 
 
 # ----------------------------------------------------------------------------- tiny student
 
-# A Mistral-instruct-like template ("<s>[INST] ... [/INST] answer</s>"). Messages may
-# carry a plain string or a list of {"type": "image"} / {"type": "text"} parts; the
-# image becomes "<image>\n" in front of the text, as in LLaVA's conversations.
-TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}"
-    "{% else %}{% set ns = namespace(text='') %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{% set ns.text = ns.text + '<image>\n' %}"
-    "{% elif part['type'] == 'text' %}{% set ns.text = ns.text + part['text'] %}{% endif %}"
-    "{% endfor %}{% set text = ns.text %}{% endif %}"
-    "{% if message['role'] == 'user' %}[INST] {{ text }} [/INST]"
-    "{% elif message['role'] == 'assistant' %} {{ text }}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-)
-
-
-# LLaVA-Med's conversation styles, for converted checkpoints that ship no chat template
-# (`--chat-template NAME`); a checkpoint's own template is used otherwise.
-LLAVA_V1_TEMPLATE = (
-    "{{ bos_token }}A chat between a curious human and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the human's questions. "
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}"
-    "{% else %}{% set ns = namespace(text='') %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{% set ns.text = ns.text + '<image>\n' %}"
-    "{% elif part['type'] == 'text' %}{% set ns.text = ns.text + part['text'] %}{% endif %}"
-    "{% endfor %}{% set text = ns.text %}{% endif %}"
-    "{% if message['role'] == 'user' %}USER: {{ text }} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ text }}{{ eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-CHAT_TEMPLATES = {"mistral_instruct": TINY_CHAT_TEMPLATE, "llava_v1": LLAVA_V1_TEMPLATE}
-
-
 def _tiny_tokenizer():
     """Byte-level tokenizer built locally: 4 specials + the 256 byte symbols, no merges.
 
-    No BOS post-processor: the chat template writes <s> itself, so tokenising the
-    template's text (with or without the processor) yields exactly one BOS.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    Like the Llama/Mistral tokenizers of the real students it puts BOS in front of
+    whatever it tokenises (the chat templates do not write it)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<s>", "</s>", "<pad>", "<image>"]
@@ -115,9 +85,11 @@ def _tiny_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 0)])
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", chat_template=TINY_CHAT_TEMPLATE)
+                                   pad_token="<pad>", chat_template=CHAT_TEMPLATES["mistral_instruct"])
 
 
 def make_tiny_student(out_dir, seed: int = 0) -> Path:
@@ -158,18 +130,51 @@ def make_tiny_student(out_dir, seed: int = 0) -> Path:
     # so the processor inserts grid*grid image tokens like the model expects.
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               image_token="<image>", chat_template=TINY_CHAT_TEMPLATE)
+                               image_token="<image>", chat_template=CHAT_TEMPLATES["mistral_instruct"])
     processor.save_pretrained(out)
     return out
 
 
 # ----------------------------------------------------------------------------- loading
 
+def conversion_record(path) -> dict:
+    """What `medalign-distill convert` recorded about a converted student ({} otherwise)."""
+    f = Path(path) / CONVERSION_RECORD
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise StudentError(f"{f}: cannot read the conversion record ({e}); convert the student again") from e
+
+
+def student_geometry(path) -> bool | None:
+    """Whether the student was trained on images padded to square (True), centre-cropped
+    (False), or says nothing (None), read from its files without loading it: the
+    conversion record's `image_aspect_ratio` (LLaVA's "pad" or "square"), else an image
+    processor's `do_pad` (llava-hf LlavaImageProcessor)."""
+    if path == "tiny":
+        return None
+    root = Path(path).expanduser()
+    ratio = conversion_record(root).get("image_aspect_ratio", "")
+    if ratio:
+        return ratio == "pad"
+    pre = root / "preprocessor_config.json"
+    if pre.is_file():
+        try:
+            do_pad = json.loads(pre.read_text()).get("do_pad")
+        except ValueError:
+            return None
+        return None if do_pad is None else bool(do_pad)
+    return None
+
+
 def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "sdpa",
                  device="cpu", chat_template: str | None = None) -> Student:
     """A local transformers LLaVA directory -> Student. Anything else -> StudentError with the hint.
 
-    chat_template: a name from CHAT_TEMPLATES to use instead of the checkpoint's own."""
+    chat_template: a name from CHAT_TEMPLATES to use instead of the checkpoint's own.
+    Images are prepared by the processor's PIL backend: CLIP's original preprocessing
+    (PIL bicubic resize), which the students were trained with and the teacher cache's
+    open_clip transforms also use."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     root = Path(path)
@@ -182,6 +187,11 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
         model_type = json.loads((root / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as e:
         raise StudentError(f"student {str(path)!r}: cannot read config.json ({e}). {STUDENT_WEIGHTS_HINT}") from e
+    if model_type in ("llava_mistral", "llava_qwen2", "llava_llama"):
+        raise StudentError(f"student {str(path)!r} is in the LLaVA codebase format (model_type {model_type!r}); "
+                           f"convert it once: `medalign-distill convert --model {path} "
+                           f"{'' if model_type == 'llava_qwen2' else '--vision-tower CLIP_DIR '}"
+                           f"--out {str(path).rstrip('/')}-hf`, then pass the converted folder as --student")
     if model_type != "llava":
         raise StudentError(f"student {str(path)!r} has model_type {model_type!r}, not 'llava'. "
                            f"{STUDENT_WEIGHTS_HINT}")
@@ -191,7 +201,8 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
         model = LlavaForConditionalGeneration.from_pretrained(
             root, dtype=dtype, attn_implementation=attn_implementation, device_map={"": str(device)},
             local_files_only=True, trust_remote_code=False)
-        processor = AutoProcessor.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+        processor = AutoProcessor.from_pretrained(root, local_files_only=True, trust_remote_code=False,
+                                                  backend="pil")
     except (OSError, ValueError, KeyError) as e:
         raise StudentError(f"student {str(path)!r} could not be loaded: {e}. {STUDENT_WEIGHTS_HINT}") from e
     for part in ("tokenizer", "image_processor"):
@@ -204,7 +215,12 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
     if getattr(processor.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
         raise StudentError(f"student {str(path)!r} has no chat template (chat_template.jinja or in "
                            f"tokenizer_config.json); pass --chat-template "
-                           f"{' or '.join(sorted(CHAT_TEMPLATES))} (LLaVA-Med v1.5 Mistral: mistral_instruct)")
+                           f"{' or '.join(sorted(CHAT_TEMPLATES))} (LLaVA-Med v1.5 as MedAlign trains it: vicuna_v1)")
+    # Padding to square is done by our data path (expand2square, as LLaVA does), never
+    # twice: a llava-hf processor's own do_pad is switched off once its geometry is read.
+    pad = student_geometry(root)
+    if getattr(processor.image_processor, "do_pad", None):
+        processor.image_processor.do_pad = False
 
     config = model.config
     image_token_id = int(config.image_token_id)
@@ -223,7 +239,8 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
     text = config.text_config
     return Student(model=model, processor=processor, image_token_id=image_token_id, grid=grid,
                    num_visual_tokens=num_visual_tokens, num_layers=int(text.num_hidden_layers),
-                   hidden_size=int(text.hidden_size))
+                   hidden_size=int(text.hidden_size), chat_template=template_name(processor.chat_template),
+                   pad_to_square=pad)
 
 
 def _count_visual_tokens(model, processor) -> int:

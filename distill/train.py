@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -37,9 +36,9 @@ from precompute.targets import RECIPE, bilinear_matrix, resize_attention, resize
 
 from .config import RunConfig
 from .data import DistillDataset, SampleError, make_collate
-from .losses import attention_distill_loss, visual_alignment_loss
-from .student import (AlignmentTransform, DistillTap, apply_lora, load_alignment, load_student,
-                      make_tiny_student, save_alignment)
+from .losses import attention_distill_loss, next_token_loss, visual_alignment_loss
+from .student import (AlignmentTransform, DistillTap, apply_lora, conversion_record, load_alignment,
+                      load_student, make_tiny_student, save_alignment, student_geometry)
 
 log = logging.getLogger("medalign.distill")
 
@@ -146,10 +145,11 @@ def _peak_memory_mb(device: torch.device) -> float:
 TRAINABLE_RECIPES = (RECIPE,)
 
 
-def preflight(config: RunConfig, records, group) -> list[str]:
+def preflight(config: RunConfig, records, group, student_pad: bool | None = None) -> list[str]:
     """Everything that would make the run train on wrong or missing targets, checked
     before step one and before the student is loaded (a 7B load takes minutes).
-    Returns warnings; raises RunError on problems.
+    Returns warnings; raises RunError on problems. `student_pad`: the geometry the
+    student declares (distill.student.student_geometry), None for one that says nothing.
 
     What the cache cannot tell: whether an image changed after its target was built.
     Targets are used as built; `medalign-cache verify` recomputes a few samples with
@@ -167,7 +167,7 @@ def preflight(config: RunConfig, records, group) -> list[str]:
         return warnings
     _check_complete(config, records, group)
     _check_recipe(group)
-    _check_padding(config, group)
+    image_geometry(config, group, student_pad)
     return warnings + teacher_warnings(group)
 
 
@@ -210,16 +210,30 @@ def cache_pads_to_square(group) -> bool:
     return bool((group.metadata.get("preprocessing") or {}).get("pad_to_square"))
 
 
-def _check_padding(config: RunConfig, group) -> None:
-    cached = cache_pads_to_square(group)
-    if config.pad_to_square is None or config.pad_to_square == cached:
-        return
-    flag = "--pad-to-square" if config.pad_to_square else "--no-pad-to-square"
-    raise RunError(f"{flag} (pad_to_square={config.pad_to_square}) disagrees with cache group {group.name!r}, "
-                   f"whose teacher saw its images {'padded' if cached else 'not padded'} to square "
-                   f"(preprocessing.pad_to_square={cached}): the targets would describe other pixels than the "
-                   f"student sees. Drop {flag} (the run follows the cache), or build the targets "
-                   f"{'without' if cached else 'with'} --pad-to-square into another group.")
+def image_geometry(config: RunConfig, group, student_pad: bool | None) -> bool:
+    """Whether the student sees its images padded to square: --pad-to-square/--no-pad-to-square
+    if given, else the geometry the student was trained with, else (a student that says
+    nothing, e.g. tiny) the cache teacher's. The teacher's targets must describe the same
+    pixels, so a cache built with the other geometry is refused with the build command
+    that fixes it."""
+    cached = cache_pads_to_square(group) if group is not None else None
+    if config.pad_to_square is not None:
+        want, why = config.pad_to_square, ("--pad-to-square" if config.pad_to_square else "--no-pad-to-square")
+    elif student_pad is not None:
+        want, why = student_pad, (f"the student {config.student} (trained on images "
+                                  f"{'padded to square' if student_pad else 'resized and centre-cropped'})")
+    else:
+        return bool(cached)
+    if group is None or want == cached:
+        return want
+    name = f"{group.name}-{'pad' if want else 'crop'}"
+    raise RunError(
+        f"{why} needs teacher targets of images {'padded' if want else 'not padded'} to square, but cache group "
+        f"{group.name!r} ({group.path}) was built {'with' if cached else 'without'} --pad-to-square "
+        f"(preprocessing.pad_to_square={cached}): the targets would describe other pixels than the student sees. "
+        f"Build matching targets with `{rebuild_command(config, group, pad=want, group_name=name)}` and train "
+        f"with --teacher {name}"
+        + (f", or drop {why} to follow the cache." if config.pad_to_square is not None else "."))
 
 
 def teacher_warnings(group) -> list[str]:
@@ -234,7 +248,7 @@ def teacher_warnings(group) -> list[str]:
     return []
 
 
-def _teacher_args(group) -> list[str]:
+def _teacher_args(group, group_name: str | None = None) -> list[str]:
     """The flags that name a cache group's teacher to `medalign-cache`, from its metadata."""
     md = group.metadata
     teacher = md.get("teacher", group.name)
@@ -243,15 +257,17 @@ def _teacher_args(group) -> list[str]:
         parts.append(f"--random-init --seed {md.get('seed', 0)}")
     else:
         parts.append(f"--checkpoint {md.get('checkpoint') or 'CHECKPOINT'}")
-    if group.name != default_group_name(teacher):
-        parts.append(f"--group {group.name}")
+    group_name = group_name or group.name
+    if group_name != default_group_name(teacher):
+        parts.append(f"--group {group_name}")
     return parts
 
 
-def rebuild_command(config: RunConfig, group) -> str:
+def rebuild_command(config: RunConfig, group, pad: bool | None = None, group_name: str | None = None) -> str:
     """The `medalign-cache build` command that completes this run's targets, from the
-    cache's own record of how the group was built."""
-    parts = ["medalign-cache build", *_teacher_args(group),
+    cache's own record of how the group was built (`pad`, `group_name`: build them with
+    that geometry into that group instead)."""
+    parts = ["medalign-cache build", *_teacher_args(group, group_name),
              f"--data {config.data}", f"--image-root {config.image_root}", f"--cache {config.cache}"]
     if config.format != "auto":
         parts.append(f"--format {config.format}")
@@ -259,7 +275,7 @@ def rebuild_command(config: RunConfig, group) -> str:
         parts.append(f"--split {config.split}")
     if config.lang != "en":
         parts.append(f"--lang {config.lang}")
-    if cache_pads_to_square(group):
+    if (cache_pads_to_square(group) if pad is None else pad):
         parts.append("--pad-to-square")
     return " ".join(parts)
 
@@ -436,7 +452,8 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     records = load_records(config.data, config.image_root, fmt=config.format, split=config.split,
                            lang=config.lang)
     group = open_cache(config.cache)[config.teacher] if config.distill else None
-    notes = preflight(config, records, group)  # every rank checks; one tells
+    student_pad = student_geometry(config.student)
+    notes = preflight(config, records, group, student_pad)  # every rank checks; one tells
     for w in notes if dist.main else ():
         log.warning(w)
         tqdm.write(f"warning: {w}")
@@ -453,15 +470,14 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32,
                            device=str(device), chat_template=config.chat_template)
     check_student(config, student)
+    pad = image_geometry(config, group, student_pad)  # the preflight has refused a mismatch
     if dist.main:  # only a run that passed its preflight is a run (a refused one can simply be rerun)
         config.save(out / "config.json")
         (out / "versions.json").write_text(json.dumps({**_versions(), "world_size": dist.world}, indent=2) + "\n")
+        write_student_record(out, student, str(student_path), pad)
     native_grid = group.native_grid if group is not None else None
     if group is not None and dist.main:
         (out / "cache_metadata.json").write_text(json.dumps(group.metadata, indent=2, default=str) + "\n")
-    pad = config.pad_to_square  # the preflight has refused one that disagrees with the cache
-    if pad is None:
-        pad = cache_pads_to_square(group) if group is not None else False
 
     apply_lora(student, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                target_modules=list(config.lora_targets) if config.lora_targets else None)
@@ -519,8 +535,7 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
                            attention_mask=batch["attention_mask"].to(device),
                            pixel_values=batch["pixel_values"].to(device, dtype=model.dtype)).logits
         labels = batch["labels"].to(device)
-        ntp = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                              ignore_index=-100, reduction="sum")
+        ntp = next_token_loss(logits, labels, never=student.image_token_id)
         B = labels.shape[0]
         sums = {"ntp": ntp}
         loss = ntp / n_tokens
@@ -621,6 +636,20 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         log.info("done: adapter in %s", out / "adapter")
     dist.barrier()
     return TrainResult(out, student, transform, tap)
+
+
+STUDENT_RECORD = "student.json"
+
+
+def write_student_record(out: Path, student, path: str, pad: bool) -> None:
+    """How this run shows the student its inputs: the prompt template and the image
+    geometry it used (eval, pictures and compare read them back), and where the student
+    came from (the conversion record of a converted one)."""
+    record = {"path": path, "chat_template": student.chat_template or "the checkpoint's own",
+              "template_text": student.processor.chat_template, "pad_to_square": pad,
+              "grid": student.grid, "num_visual_tokens": student.num_visual_tokens,
+              "image_token_id": student.image_token_id, "conversion": conversion_record(path) or None}
+    (out / STUDENT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -38,23 +38,45 @@ def test_normalize_answer_follows_llava_med():
     assert M.normalize_answer("Is it (CT)?") == "is it ct"
 
 
-@pytest.mark.parametrize("prediction,reference,strict,llava_med", [
-    ("Yes", "yes", 1, 1),
-    ("yes.", "Yes", 1, 1),
-    ("No, there is no effusion.", "no", 1, 1),
-    ("The heart is normal.", "no", 0, 1),        # 'no' inside 'normal': LLaVA-Med's substring rule counts it
-    ("Yes, there is no doubt.", "no", 0, 1),     # first yes/no word is 'yes'
-    ("yes or no", "no", 0, 1),
-    ("nothing", "no", 0, 1),
-    ("It is not enlarged", "no", 0, 1),          # 'not' is not 'no' (but holds it as a substring)
-    ("Maybe", "yes", 0, 0),
-    ("The lesion is on the left.", "left", 1, 1),  # a choice question (VQA-RAD style)
-    ("leftward", "left", 0, 1),
-    ("CT scan", "CT", 1, 1),
+# strict: closed_hit (ours); llava_med: run_eval_batch.py's substring rule; medalign: MedAlign's
+# run_eval.py (Aofei-Chang/MedAlign@fbefd179 llava-med-1.5/llava/eval/run_eval.py evaluate():
+# "yes" or "no" somewhere in the normalised prediction AND the reference in it). Hand-computed.
+@pytest.mark.parametrize("prediction,reference,strict,llava_med,medalign", [
+    ("Yes", "yes", 1, 1, 1),
+    ("yes.", "Yes", 1, 1, 1),
+    ("No, there is no effusion.", "no", 1, 1, 1),
+    ("The heart is normal.", "no", 0, 1, 1),        # 'no' inside 'normal': both substring rules count it
+    ("Yes, there is no doubt.", "no", 0, 1, 1),     # first yes/no word is 'yes'
+    ("yes or no", "no", 0, 1, 1),
+    ("nothing", "no", 0, 1, 1),
+    ("It is not enlarged", "no", 0, 1, 1),          # 'not' is not 'no' (but holds it as a substring)
+    ("Maybe", "yes", 0, 0, 0),
+    ("", "yes", 0, 0, 0),                           # empty prediction
+    ("", "no", 0, 0, 0),
+    # choice answers: MedAlign's gate wants a yes/no somewhere, so a right choice alone scores 0
+    ("The lesion is on the left.", "left", 1, 1, 0),
+    ("right", "left", 0, 0, 0),
+    ("leftward", "left", 0, 1, 0),
+    ("CT scan", "CT", 1, 1, 0),
+    ("MRI", "CT", 0, 0, 0),
+    ("It is an MRI scan, not CT", "MRI", 1, 1, 1),  # the gate passes on the 'no' in 'not'
+    ("a nodule on the right", "right", 1, 1, 1),    # ... or in 'nodule'
+    ("I know: it is on the left", "left", 1, 1, 1),  # ... or in 'know'
+    ("I don't know", "dont know", 1, 1, 1),         # contraction table: 'dont' -> "don't"
+    ("There are two lesions", "2", 1, 1, 0),        # number words become digits
+    ("是", "是", 1, 1, 0),                           # SLAKE's Chinese yes: no yes/no for the gate
 ])
-def test_closed_rules(prediction, reference, strict, llava_med):
+def test_closed_rules(prediction, reference, strict, llava_med, medalign):
     assert M.closed_hit(prediction, reference) == strict
     assert M.closed_hit_llava_med(prediction, reference) == llava_med
+    assert M.closed_hit_medalign(prediction, reference) == medalign
+
+
+def test_normalize_answer_has_the_contraction_table():
+    # eval_metrics/glossary.py normalize_word: contractions after the articles are dropped
+    assert M.normalize_answer("The lesion isnt enlarged, I dont think") == "lesion isn't enlarged i don't think"
+    assert M.normalize_answer("Im sure") == "im sure"   # capitalised keys never apply (words are lowercased)
+    assert M.open_recall("I don't know", "dont know") == 1.0
 
 
 def test_open_recall_and_f1_by_hand():
@@ -72,11 +94,17 @@ def test_vqa_metrics_per_type_and_overall():
     refs = ["yes", "yes", "no", "left upper lung", "left"]
     types = ["closed", "closed", "closed", "open", "open"]
     m = M.vqa_metrics(preds, refs, types)
-    assert m["closed"] == {"n": 3, "accuracy": pytest.approx(1 / 3), "accuracy_llava_med": pytest.approx(2 / 3)}
+    assert m["closed"] == {"n": 3, "accuracy": pytest.approx(1 / 3), "accuracy_llava_med": pytest.approx(2 / 3),
+                           "accuracy_medalign": pytest.approx(2 / 3)}
     assert m["open"]["n"] == 2 and m["open"]["recall"] == pytest.approx((2 / 3 + 0) / 2)
     assert m["overall"] == {"n": 5, "score": pytest.approx((1 + 0 + 0 + 2 / 3 + 0) / 5)}
     empty = M.vqa_metrics(["a"], ["b"], ["open"])
-    assert empty["closed"] == {"n": 0, "accuracy": None, "accuracy_llava_med": None}
+    assert empty["closed"] == {"n": 0, "accuracy": None, "accuracy_llava_med": None, "accuracy_medalign": None}
+    # run_eval.py counts a question without answer_type as closed: only its own block sees it
+    untyped = M.vqa_metrics(preds + ["no"], refs + ["no"], types + [None])
+    assert untyped["closed"]["n"] == 3 and untyped["overall"]["n"] == 5
+    assert untyped["medalign"] == {"closed_n": 4, "closed_accuracy": pytest.approx(3 / 4), "open_n": 2,
+                                   "open_recall": pytest.approx(1 / 3)}
 
 
 def test_bleu_rouge_cider_by_hand():
@@ -318,15 +346,17 @@ def test_generation_equals_full_forward_argmax(runs):
             if token == eos:
                 break
             ids = torch.cat([ids, torch.tensor([[token]])], 1)
-        # the transform matters: without it the first-token logits change
-        if b == 0:
-            prompt = ids[:, :lengths[0]]
-            em.tap.set_batch(visual, torch.zeros_like(prompt, dtype=torch.bool))
-            aligned = s.model(input_ids=prompt, pixel_values=it["pixel_values"][None]).logits[0, -1]
-            em.tap.remove()
-            plain = s.model(input_ids=prompt, pixel_values=it["pixel_values"][None]).logits[0, -1]
-            assert not torch.allclose(plain, aligned, atol=1e-4)
     assert all(isinstance(t, str) for t in decode(em, new))
+    # the transform matters: without it the first-token logits change (checked last: it
+    # removes the tap, which the comparisons above need)
+    it = items[0]
+    prompt = torch.tensor(it["input_ids"][:lengths[0]])[None]
+    visual = (prompt[0] == s.image_token_id).nonzero()[:, 0][None]
+    em.tap.set_batch(visual, torch.zeros_like(prompt, dtype=torch.bool))
+    aligned = s.model(input_ids=prompt, pixel_values=it["pixel_values"][None]).logits[0, -1]
+    em.tap.remove()
+    plain = s.model(input_ids=prompt, pixel_values=it["pixel_values"][None]).logits[0, -1]
+    assert not torch.allclose(plain, aligned, atol=1e-4)
 
 
 def test_eval_refuses_what_it_cannot_do(runs, tmp_path):

@@ -119,3 +119,33 @@ def test_second_format_reports_its_own_images(tmp_path):
     r = CliRunner().invoke(cache_cli, common + ["--data", str(FORMATS_DIR / "vqa_rad.json")])
     # vqa_rad.json names 3 images; the CT and the axial MNI slice were cached by the first build
     assert "3 samples, 1 computed" in r.output and "2 already done" in r.output, r.output
+
+
+# examples/paper/: one config per published MedAlign script, the values of the table in
+# examples/paper/README.md (read off Aofei-Chang/MedAlign@fbefd179 */scripts/unimed_distill.sh).
+PAPER = {
+    "llava-med_vqa-rad.yaml": ("unimed-b16", "vicuna_v1", 20, 1.0, 0.06, 32, 9),
+    "llava-med_iu-xray.yaml": ("unimed-b16", "vicuna_v1", 20, 1.0, 0.03, 64, 12),
+    "huatuo_iu-xray.yaml": ("unimed-l14-336", "huatuo_v1", 20, 1.0, 0.03, 64, 12),
+    "huatuo_slake.yaml": ("unimed-b16", "huatuo_v1", 16, 1.0, 0.03, 32, 6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_load_and_say_what_the_readme_says(name, tmp_path):
+    from distill.config import RunConfig, load_config_file
+
+    settings = load_config_file(REPO / "examples" / "paper" / name)
+    config = RunConfig.from_dict({**settings, "cache": tmp_path, "student": "s", "data": tmp_path / "d.json",
+                                  "image_root": tmp_path, "out": tmp_path / "run"})
+    assert (config.teacher, config.chat_template, config.layer, config.alpha, config.beta, config.lora_r,
+            config.epochs) == PAPER[name]
+    # common to every published script
+    assert (config.pad_to_square, config.lora_alpha, config.lora_dropout, config.lr, config.weight_decay,
+            config.warmup_ratio, config.batch_size * config.grad_accum * 4, config.max_length,
+            config.precision) == (True, 16, 0.05, 2e-4, 0.0, 0.03, 32, 1024, "bf16")
+    assert name in (REPO / "examples" / "paper" / "README.md").read_text()
+
+
+def test_every_paper_config_is_tested():
+    assert sorted(p.name for p in (REPO / "examples" / "paper").glob("*.yaml")) == sorted(PAPER)

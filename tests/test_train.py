@@ -308,8 +308,9 @@ def test_refuses_missing_targets_and_existing_run(data, tmp_path, monkeypatch):
     ({"recipe": "last_block_tokens+cls_attention/v2"}, [],
      ["target recipe 'last_block_tokens+cls_attention/v2'", "'last_block_tokens+cls_attention/v1' only"]),
     ({"recipe": None}, [], ["no target recipe"]),
-    ({}, ["--pad-to-square"], ["--pad-to-square (pad_to_square=True)", "preprocessing.pad_to_square=False",
-                               "Drop --pad-to-square"]),
+    ({}, ["--pad-to-square"], ["--pad-to-square needs teacher targets of images padded",
+                               "preprocessing.pad_to_square=False", "--group tiny-pad", "--pad-to-square`",
+                               "--teacher tiny-pad", "drop --pad-to-square"]),
 ])
 def test_refuses_targets_that_do_not_fit(data, tmp_path, monkeypatch, attributes, flags, message):
     """An unknown target recipe, or padding other than the teacher's: refused, before the student loads."""
@@ -377,7 +378,7 @@ def test_encode_masks_all_but_the_answer(data, tmp_path):
     enc = encode(student.processor, record, student.num_visual_tokens, 1024)
     tok = student.processor.tokenizer
     learned = [t for t, l in zip(enc.input_ids, enc.labels) if l != -100]
-    assert tok.decode(learned).strip() == record.answer + tok.eos_token
+    assert tok.decode(learned) == f" {record.answer} {tok.eos_token}"     # mistral_instruct: " A </s>"
     lo, hi = enc.query_rows
     assert tok.decode(enc.input_ids[lo:hi]).strip() == f"{record.prompt} [/INST]".strip()
     assert enc.input_ids[lo - 1] == student.image_token_id
@@ -428,18 +429,22 @@ def test_broken_image_mid_run_keeps_progress(data, tmp_path):
     assert [m["step"] for m in metrics(out)] == list(range(1, 11))
 
 
-@pytest.mark.parametrize("template,closing", [("mistral_instruct", "[/INST]"), ("llava_v1", "ASSISTANT:")])
-def test_named_chat_templates_mask_all_but_the_answer(data, tmp_path, template, closing):
-    """For converted checkpoints without a chat template: LLaVA-Med's two styles."""
+@pytest.mark.parametrize("template,closing,learned", [
+    ("mistral_instruct", " [/INST]", " {a} </s>"), ("llava_v1", " ASSISTANT:", " {a}</s>"),
+    ("vicuna_v1", " ASSISTANT:", " {a}</s>"), ("huatuo_v1", " <|assistant|>:", " {a}<|endoftext|>"),
+    ("huatuo", "\n<|assistant|>\n", "{a} \n")])
+def test_named_chat_templates_mask_all_but_the_answer(data, tmp_path, template, closing, learned):
+    """Every named template: only the answer and its end marker are learned; the query rows
+    are the prompt text after the image up to where the answer starts."""
     from distill.student import make_tiny_student
     student = load_student(str(make_tiny_student(tmp_path / "s")), chat_template=template)
     record = load_records(data["train"], data["root"])[0]
     enc = encode(student.processor, record, student.num_visual_tokens, 1024)
     tok = student.processor.tokenizer
-    learned = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
-    assert tok.decode(learned).strip() == record.answer + tok.eos_token
+    assert tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]) == \
+        learned.format(a=record.answer)
     lo, hi = enc.query_rows
-    assert tok.decode(enc.input_ids[lo:hi]).strip() == f"{record.prompt} {closing}"
+    assert tok.decode(enc.input_ids[lo:hi]) == f"\n{record.prompt}{closing}"
 
 
 def test_missing_chat_template_names_the_flag(tmp_path):
