@@ -21,6 +21,7 @@ and `./cxr.h5::/cxr[17]` are one key.
     image_datasets(path)    [(dataset, length)] of the image stacks in a file (folder scan, --data x.h5)
     load_h5_image(ref)      -> PIL "RGB" (load_image calls it); every failure is one ImageError line
     read_only(path)         open an HDF5 file read-only; H5OpenError says why not (also used by h5cache)
+    close_files()           close this process's cached handles
 
 Pixels (docs/formats.md, "Images in HDF5 files"):
 - layout: rank 3 is [N, H, W]; rank 4 is [N, H, W, C] when the last axis is 1, 3 or 4 and
@@ -200,6 +201,15 @@ def _cached_file(path: Path, state: _Handles):
     return f
 
 
+def close_files() -> None:
+    """Close this process's cached handles (HDF5 will not truncate a file the same process
+    has open: call this before rewriting an image file in place)."""
+    state = _current()
+    with state.lock:
+        while state.files:
+            state.files.popitem()[1][1].close()
+
+
 # ----------------------------------------------------------------------------- reading
 
 def load_h5_image(ref: H5Image) -> Image.Image:
@@ -276,9 +286,10 @@ def _max_attribute(ds, f, ref) -> float | None:
             continue
         value = np.asarray(owner.attrs["max"])
         if value.size != 1 or value.dtype.kind not in "uif" or not np.isfinite(value).all() or float(value) <= 0:
-            raise ImageError(f"{ref}: the 'max' attribute of {where} is {owner.attrs['max']!r}; it must be one "
-                             f"positive finite number (the value shown as white)")
-        return float(value)
+            shown = value.tolist() if value.dtype.kind in "uifb" else owner.attrs["max"]
+            raise ImageError(f"{ref}: the 'max' attribute of {where} is {shown!r}; it must be one positive "
+                             f"finite number (the value shown as white)")
+        return float(value.reshape(()))
     return None
 
 
