@@ -49,6 +49,8 @@ def is_h5_cache(path) -> bool:
     if not isinstance(path, (str, os.PathLike)) or "://" in os.fspath(path):
         return False
     path = Path(path).expanduser()
+    if path.is_dir():  # a cache folder, whatever its name
+        return False
     return path.suffix.lower() in H5_SUFFIXES or is_hdf5(path)
 
 
