@@ -222,6 +222,21 @@ def test_training_from_the_h5_cache_equals_training_from_zarr(h5_dataset):
     assert json.loads((from_h5 / "cache_metadata.json").read_text()) == \
         json.loads((from_zarr / "cache_metadata.json").read_text())
 
+    # eval and pictures of that run: HDF5 images, and (pictures) the run's .h5 cache
+    r = CliRunner().invoke(distill_cli, ["eval", "--run", str(from_h5), "--data", str(d["data"]), "--image-root",
+                                         str(d["root"]), "--max-new-tokens", "4", "--no-meteor", "--workers", "0",
+                                         "--device", "cpu", "--quiet"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    predictions = [json.loads(x) for x in next((from_h5 / "eval").rglob("predictions.jsonl")).read_text().splitlines()]
+    assert len(predictions) == 12
+    pics = d["tmp"] / "pics"
+    r = CliRunner().invoke(distill_cli, ["pictures", "--run", str(from_h5), "--data", str(d["data"]), "--image-root",
+                                         str(d["root"]), "--keys", "scans.h5::/scans[0],scans.h5::/scans[3]",
+                                         "--out", str(pics), "--device", "cpu"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((pics / "pictures.json").read_text())
+    assert [x["key"] for x in summary["samples"]] == ["scans.h5::/scans[0]", "scans.h5::/scans[3]"]
+
 
 def test_info_verify_and_show_read_the_h5_cache(h5_dataset):
     d = h5_dataset
