@@ -72,7 +72,8 @@ def test_export_holds_exactly_the_zarr_group(zarr_and_h5):
     assert 0 < h.stored_bytes() < 11 * (P * (P - 1) + 4 * P)            # compressed, only done rows
     with h5py.File(h5, "r") as f:                                          # what plain h5py sees
         g = f["unimed-b16"]
-        assert g["failures.jsonl"].asstr()[:].tolist() == (cache / "unimed-b16" / "failures.jsonl").read_text().splitlines()
+        log = (cache / "unimed-b16" / "failures.jsonl").read_text().splitlines()
+        assert g["failures.jsonl"].asstr()[:].tolist() == log and len(log) == 1
         for name in ("keys", "status", "similarity", "attention", "failures.jsonl"):
             assert g[name].fletcher32 and g[name].compression == "gzip" and g[name].shuffle, name
         assert g["similarity"].chunks == (1, P * (P - 1) // 2) and g["attention"].chunks == (1, P)
@@ -200,7 +201,7 @@ def h5_dataset(tmp_path_factory):
 def distill_run(d, out, cache, *extra):
     args = ["run", "--cache", cache, "--teacher", "tiny", "--student", "tiny", "--data", d["data"],
             "--image-root", d["root"], "--out", out, "--layer", "2", "--batch-size", "4", "--grad-accum", "1",
-            "--lr", "3e-3", "--beta", "0.5", "--max-steps", "4", "--quiet", *extra]
+            "--lr", "3e-3", "--beta", "0.5", "--max-steps", "3", "--quiet", *extra]
     return CliRunner().invoke(distill_cli, [str(a) for a in args], catch_exceptions=False)
 
 
@@ -214,7 +215,7 @@ def test_training_from_the_h5_cache_equals_training_from_zarr(h5_dataset):
     assert r.exit_code == 0, r.output
     a = [json.loads(x) for x in (from_zarr / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (from_h5 / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in b] == [1, 2, 3, 4]
+    assert [x["step"] for x in b] == [1, 2, 3]
     for x, y in zip(a, b, strict=True):
         for term in ("ntp", "vis", "att", "loss"):
             assert x[term] == y[term], (x["step"], term)

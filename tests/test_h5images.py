@@ -421,29 +421,25 @@ def group_arrays(cache):
 def test_build_from_hdf5_is_bit_identical_to_png(tmp_path):
     """The same uint8 images as PNG files and in an HDF5 container ([N,H,W], [N,H,W,C] and
     [N,C,H,W]) give bit-identical targets; the HDF5 build decodes in 2 DataLoader workers.
-    File names sort like the keys, so both builds batch the same images together."""
+    File names sort like the keys, so both builds batch the same images together.
+    (`show` on HDF5 images: test_h5cache.py.)"""
     pngs, h5 = tmp_path / "png", tmp_path / "h5"
     pngs.mkdir()
     stacks = {"a_gray": (GRAY, GRAY), "b_rgb": (RGB, RGB), "c_chw": (np.moveaxis(RGB, -1, 1)[::-1], RGB[::-1])}
     pairs = {}
     for name, (stored, png) in stacks.items():
-        for i in range(5):
+        for i in range(3):
             Image.fromarray(png[i]).save(pngs / f"{name}_{i}.png")
             pairs[f"{name}_{i}.png"] = f"all.h5::/{name}[{i}]"
-    write_h5(h5 / "all.h5", **{name: stored for name, (stored, _) in stacks.items()})
+    write_h5(h5 / "all.h5", **{name: stored[:3] for name, (stored, _) in stacks.items()})
     assert build("--image-root", pngs, "--cache", tmp_path / "c_png", "--workers", 0).exit_code == 0
     r = build("--image-root", h5, "--cache", tmp_path / "c_h5", "--workers", 2)
-    assert r.exit_code == 0 and "15 computed" in r.output, r.output
+    assert r.exit_code == 0 and "9 computed" in r.output, r.output
     from_png, from_h5 = group_arrays(tmp_path / "c_png"), group_arrays(tmp_path / "c_h5")
     assert sorted(from_h5) == sorted(pairs.values())
     for png_key, h5_key in pairs.items():
         (s1, a1, st1), (s2, a2, st2) = from_png[png_key], from_h5[h5_key]
         assert st1 == st2 == 1 and np.array_equal(s1, s2) and np.array_equal(a1, a2), (png_key, h5_key)
-    # show draws an HDF5 image the same way
-    out = tmp_path / "show.png"
-    r = CliRunner().invoke(cache_cli, ["show", "--cache", str(tmp_path / "c_h5"), "--teacher", "tiny",
-                                       "--image-root", str(h5), "--key", "all.h5::/b_rgb[2]", "--out", str(out)])
-    assert r.exit_code == 0 and out.is_file(), r.output
 
 
 def test_on_error_fail_and_skip_for_hdf5_images(tmp_path):
