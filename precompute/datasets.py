@@ -351,6 +351,9 @@ def _folder(data, source: _Source) -> list[Record]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             full = os.path.join(dirpath, name)
+            if "::" in name and (_is_image_file(full, name) or name.lower().endswith(H5_SUFFIXES)):
+                raise DatasetError(f"{full}: '::' in a file name cannot be part of a cache key (it marks an image "
+                                   f"inside an HDF5 file); rename the file")
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in H5_SUFFIXES:
                 keys += _h5_keys(full, normalize_key(os.path.relpath(full, root).replace(os.sep, "/")))
             elif _is_image_file(full, name):

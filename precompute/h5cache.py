@@ -138,9 +138,11 @@ class H5Group(TeacherGroup):
         state = int(self._status[row])
         if state == DONE:
             return row
-        fix = ("its image failed to load or compute (reason in " f"{self.path / 'failures.jsonl'}); fix the image, "
-               "rebuild the cache folder and export again" if state == FAILED else
-               "finish the build of the cache folder it was exported from and export again")
+        if state == FAILED:
+            fix = (f"its image failed to load or compute (reason in {self.path / 'failures.jsonl'}); fix the image, "
+                   f"rebuild the cache folder and export again")
+        else:
+            fix = "finish the build of the cache folder it was exported from and export again"
         raise CacheError(f"{key!r} in cache group {self.name!r} ({self.path}) is {STATUS_NAMES[state]}, it has "
                          f"no targets: {fix}")
 

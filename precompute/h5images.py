@@ -285,11 +285,12 @@ def _max_attribute(ds, f, ref) -> float | None:
         if "max" not in owner.attrs:
             continue
         value = np.asarray(owner.attrs["max"])
-        if value.size != 1 or value.dtype.kind not in "uif" or not np.isfinite(value).all() or float(value) <= 0:
+        number = float(value.reshape(-1)[0]) if value.size == 1 and value.dtype.kind in "uif" else None
+        if number is None or not np.isfinite(number) or number <= 0:
             shown = value.tolist() if value.dtype.kind in "uifb" else owner.attrs["max"]
             raise ImageError(f"{ref}: the 'max' attribute of {where} is {shown!r}; it must be one positive "
                              f"finite number (the value shown as white)")
-        return float(value.reshape(()))
+        return number
     return None
 
 
@@ -322,7 +323,7 @@ def _image_datasets(f) -> list[tuple[str, int]]:
         if isinstance(obj, h5py.Dataset) and obj.ndim in (3, 4) and obj.dtype.kind in "uif" \
                 and obj.dtype != np.bool_ and obj.shape[0] > 0:
             try:
-                _layout(obj, name)
+                _layout(obj, H5Image(Path(f.filename), "/" + name, 0))
             except ImageError:
                 return  # e.g. fastMRI's multi-coil k-space is complex; coil maps [slices, 15, H, W]
             found.append(("/" + name, int(obj.shape[0])))

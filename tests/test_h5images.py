@@ -336,7 +336,8 @@ def test_folder_scan_finds_image_stacks_only(tmp_path):
     Image.fromarray(GRAY[0]).save(tmp_path / "a.png")
     # fastMRI-like: a float volume with the file's max, complex k-space and a 1-D mask (not images)
     write_h5(tmp_path / "mri" / "file1.h5", {"": {"max": 2.0}}, reconstruction_rss=np.ones((3, 8, 8), np.float32),
-             kspace=np.zeros((3, 4, 8, 8), np.complex64), mask=np.zeros(8))
+             kspace=np.zeros((3, 4, 8, 8), np.complex64), mask=np.zeros(8),
+             coil_maps=np.zeros((3, 15, 8, 8), np.float32), flags=np.zeros((3, 8, 8), bool))
     write_h5(tmp_path / "stacks.hdf5", rgb=np.moveaxis(RGB[:2], -1, 1))
     write_h5(tmp_path / ".hidden.h5", x=GRAY)
     keys = [r.images[0] for r in load_records(None, tmp_path)]
@@ -347,6 +348,10 @@ def test_folder_scan_finds_image_stacks_only(tmp_path):
     assert [r.images[0] for r in load_records(tmp_path / "stacks.hdf5", tmp_path)] == keys[-2:]
     assert load_records(tmp_path / "stacks.hdf5", tmp_path, fmt="h5") == load_records(tmp_path / "stacks.hdf5",
                                                                                       tmp_path)
+    Image.fromarray(GRAY[0]).save(tmp_path / "odd::name.png")
+    with pytest.raises(DatasetError, match=r"odd::name\.png: '::' in a file name .*rename the file"):
+        load_records(None, tmp_path)
+    (tmp_path / "odd::name.png").unlink()
     (tmp_path / "broken.h5").write_bytes(b"junk")
     with pytest.raises(DatasetError, match=r"broken\.h5: not an HDF5 file .*move it out of the image folder"):
         load_records(None, tmp_path)
