@@ -14,7 +14,7 @@ import click
 
 from .build import BuildConfig, BuildError, build_cache, parse_part, verify_cache
 from .cache import CacheError, cache_location, open_cache
-from .datasets import LANGUAGES, DatasetError
+from .datasets import LANGUAGES, DatasetError, normalize_key
 from .images import ImageError
 from .teachers import TeacherError, teacher_names
 
@@ -192,6 +192,7 @@ def show(cache_path, teacher, image_root, keys, n, patch, patch_xy, grid, out):
     from .show import show_targets
 
     try:
+        keys = [normalize_key(k) for k in keys]   # as the cache spells them: "./a.png" -> "a.png"
         if not keys:
             group = open_cache(cache_path)[teacher]
             keys = [k for k in group.keys() if group.status(k) == "done"][:n]

@@ -259,5 +259,8 @@ def test_info_verify_and_show_read_the_h5_cache(h5_dataset):
     out = d["tmp"] / "show.png"
     r = cache_cmd("show", "--cache", d["h5"], "--teacher", "tiny", "--image-root", d["root"], "--n", 2, "--out", out)
     assert r.exit_code == 0 and "2 images" in r.output, r.output
+    r = cache_cmd("show", "--cache", d["h5"], "--teacher", "tiny", "--image-root", d["root"], "--out", out,
+                  "--key", "scans.h5::scans[07]")                     # any spelling of the key
+    assert r.exit_code == 0 and "1 image)" in r.output, r.output
     with Image.open(out) as im:
         assert im.size[0] > 300
