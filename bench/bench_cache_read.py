@@ -9,11 +9,16 @@ a DataLoader worker does):
     zarr-python     zarr.open_array(...)[i] on the same store
     native_packed   our reader (shard index parsed once, one pread + blosc decode a row)
     targets(24)     native_packed + unpack + exact resize to a 24x24 student grid
+    HDF5            the same group exported to one file (`medalign-cache export`: one sample
+                    per chunk, shuffle + gzip level 1 + fletcher32; and with --gzip-level 0),
+                    read through open_cache's H5Group.native_packed
 
-and prints bytes per sample on disk against the reference's 576x576 float32 matrix, and
-the error of the stored (fp16) + resized targets against the reference recipe in fp32.
+then the same random reads through a torch DataLoader with 2 worker processes (batches of
+16, steady state: a second pass over persistent workers) for memmap, Zarr and HDF5, and
+prints bytes per sample on disk (against the reference's 576x576 float32 matrix) and the
+error of the stored (fp16) + resized targets against the reference recipe in fp32.
 
-    python bench/bench_cache_read.py [--n-b16 4000] [--n-l14 1500]
+    python bench/bench_cache_read.py [--n-b16 4000] [--n-l14 1500] [--workers 2]
 """
 
 import argparse
@@ -28,9 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from precompute.cache import GroupWriter, open_cache  # noqa: E402
+from precompute.h5cache import export_h5  # noqa: E402
 from precompute.targets import pack_upper, patch_similarity, reference_targets  # noqa: E402
 
 REFERENCE_BYTES = 576 * 576 * 4  # the reference's per-image float32 matrix
@@ -57,7 +64,53 @@ def rate(fn, items) -> float:
     return len(items) / (time.perf_counter() - start)
 
 
-def bench(label: str, grid: int, n: int, unique: int, workdir: Path, seed: int = 0) -> dict:
+class MemmapRows(Dataset):
+    """Rows of the two .npy files, memory-mapped in the process that reads (a memmap
+    pickled into a worker would be copied whole)."""
+
+    def __init__(self, sim_path, att_path):
+        self.paths, self.arrays = (sim_path, att_path), None
+
+    def __len__(self):
+        return len(np.load(self.paths[1], mmap_mode="r"))
+
+    def __getitem__(self, i):
+        if self.arrays is None:
+            self.arrays = [np.load(p, mmap_mode="r") for p in self.paths]
+        return torch.from_numpy(np.array(self.arrays[0][i])), torch.from_numpy(np.array(self.arrays[1][i]))
+
+
+class GroupRows(Dataset):
+    """Rows of a cache group (Zarr or HDF5) by row number, as DistillDataset reads them."""
+
+    def __init__(self, group):
+        self.group, self.keys = group, group.keys()
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        s, a = self.group.native_packed(self.keys[i])
+        return torch.from_numpy(s), torch.from_numpy(a)
+
+
+def loader_rate(dataset, order, workers: int) -> float:
+    """Samples/s through a DataLoader with `workers` processes, random order, batches of 16;
+    the second pass (workers started, page cache and handles warm) is timed."""
+    batches = [order[i:i + 16].tolist() for i in range(0, len(order), 16)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=True,
+                        prefetch_factor=4)
+    for _ in loader:
+        pass
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    seconds = time.perf_counter() - start
+    del loader
+    return len(order) / seconds
+
+
+def bench(label: str, grid: int, n: int, unique: int, workdir: Path, workers: int, seed: int = 0) -> dict:
     P = grid * grid
     gen = torch.Generator().manual_seed(seed)
     tokens, attn = teacher_like(unique, grid, 256, gen)
@@ -85,6 +138,13 @@ def bench(label: str, grid: int, n: int, unique: int, workdir: Path, seed: int =
     mm_sim = np.load(workdir / f"{label}_sim.npy", mmap_mode="r")
     mm_att = np.load(workdir / f"{label}_att.npy", mmap_mode="r")
 
+    t0 = time.perf_counter()
+    export_h5(cache, ["teacher"], workdir / f"{label}.h5", progress=False)
+    export_s = time.perf_counter() - t0
+    export_h5(cache, ["teacher"], workdir / f"{label}_plain.h5", gzip_level=0, progress=False)
+    h5 = open_cache(workdir / f"{label}.h5")["teacher"]
+    h5_plain = open_cache(workdir / f"{label}_plain.h5")["teacher"]
+
     group = open_cache(cache)["teacher"]
     z_sim = zarr.open_array(str(cache / "teacher" / "similarity"), mode="r")
     z_att = zarr.open_array(str(cache / "teacher" / "attention"), mode="r")
@@ -97,26 +157,40 @@ def bench(label: str, grid: int, n: int, unique: int, workdir: Path, seed: int =
     # warm pass: page cache, memmap page tables, shard indexes (steady state of epoch 2+)
     rate(read_memmap, order)
     rate(group.native_packed, order_keys)
+    rate(h5.native_packed, order_keys)
+    rate(h5_plain.native_packed, order_keys)
     res = {
-        "n": n, "write_s": write_s,
+        "n": n, "write_s": write_s, "export_s": export_s,
         "memmap": rate(read_memmap, order),
         "zarr": rate(lambda i: (z_sim[i], z_att[i]), order[:200]),
         "native_packed": rate(group.native_packed, order_keys),
         "targets": rate(lambda k: group.targets(k, STUDENT_GRID), order_keys[:200]),
+        "h5": rate(h5.native_packed, order_keys),
+        "h5_plain": rate(h5_plain.native_packed, order_keys),
     }
-    # exactness: our reader returns what zarr-python returns
+    # exactness: our readers return what zarr-python returns
     for i in order[:20]:
         s, a = group.native_packed(keys[i])
         assert np.array_equal(s, z_sim[i]) and np.array_equal(a, z_att[i])
+        for other in (h5, h5_plain):
+            s, a = other.native_packed(keys[i])
+            assert np.array_equal(s, z_sim[i]) and np.array_equal(a, z_att[i])
+    res["w_memmap"] = loader_rate(MemmapRows(workdir / f"{label}_sim.npy", workdir / f"{label}_att.npy"), order,
+                                  workers)
+    res["w_zarr"] = loader_rate(GroupRows(group), order, workers)
+    res["w_h5"] = loader_rate(GroupRows(h5), order, workers)
     disk = sum(f.stat().st_size for f in (cache / "teacher").rglob("*") if f.is_file())
     res["bytes"] = disk / n
+    res["bytes_h5"] = (workdir / f"{label}.h5").stat().st_size / n
+    res["bytes_h5_plain"] = (workdir / f"{label}_plain.h5").stat().st_size / n
     # stored fp16 + exact resize vs the reference recipe done directly in fp32
     sim_ref, att_ref = reference_targets(tokens, torch.from_numpy(attn), STUDENT_GRID)
     res["err_sim"] = max(float((group.targets(keys[u], STUDENT_GRID)[0] - sim_ref[u]).abs().max())
                          for u in range(min(unique, 16)))
     res["err_att"] = max(float((group.targets(keys[u], STUDENT_GRID)[1] - att_ref[u]).abs().max())
                          for u in range(min(unique, 16)))
-    group.close()
+    for g in (group, h5, h5_plain):
+        g.close()
     return res
 
 
@@ -126,32 +200,43 @@ def main():
     ap.add_argument("--n-l14", type=int, default=1500)
     ap.add_argument("--unique", type=int, default=64, help="distinct matrices the samples cycle through")
     ap.add_argument("--dir", type=Path, default=None, help="work folder [a temp dir, removed after]")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as in a DataLoader worker, where per-sample reads happen
     workdir = Path(tempfile.mkdtemp(prefix="medalign_bench_", dir=args.dir))
     try:
-        cols = {"B/16 (P=196)": bench("b16", 14, args.n_b16, args.unique, workdir),
-                "L/14-336 (P=576)": bench("l14", 24, args.n_l14, args.unique, workdir)}
+        cols = {"B/16 (P=196)": bench("b16", 14, args.n_b16, args.unique, workdir, args.workers),
+                "L/14-336 (P=576)": bench("l14", 24, args.n_l14, args.unique, workdir, args.workers)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     names = list(cols)
     print(f"teacher-target cache, per-sample random reads ({os.cpu_count()} CPU cores, page cache warm)")
-    print(f"{'':34s}" + "".join(f"{n:>28s}" for n in names))
+    print(f"{'':40s}" + "".join(f"{n:>28s}" for n in names))
 
     def row(label, fmt):
-        print(f"{label:34s}" + "".join(f"{fmt(cols[n]):>28s}" for n in names))
+        print(f"{label:40s}" + "".join(f"{fmt(cols[n]):>28s}" for n in names))
 
     row("samples", lambda r: f"{r['n']}")
     row("write (GroupWriter), samples/s", lambda r: f"{r['n'] / r['write_s']:,.0f}")
+    row("export to HDF5 (gzip 1), samples/s", lambda r: f"{r['n'] / r['export_s']:,.0f}")
+    print("one process:")
     for key, label in (("memmap", "raw memmap (baseline)"), ("zarr", "zarr-python arr[i]"),
-                       ("native_packed", "ours: native_packed"), ("targets", f"ours: targets(grid={STUDENT_GRID})")):
+                       ("native_packed", "ours: native_packed"), ("targets", f"ours: targets(grid={STUDENT_GRID})"),
+                       ("h5", "HDF5 gzip 1: native_packed"), ("h5_plain", "HDF5 no gzip: native_packed")):
         row(label + ", samples/s", lambda r, k=key: f"{r[k]:>10,.0f}  ({r[k] / r['memmap']:.3f}x)")
-    row("bytes/sample on disk", lambda r: f"{r['bytes']:>10,.0f}  ({REFERENCE_BYTES / r['bytes']:.1f}x smaller)")
+    print(f"DataLoader, {args.workers} workers, batches of 16:")
+    for key, label in (("w_memmap", "raw memmap (baseline)"), ("w_zarr", "ours: Zarr native_packed"),
+                       ("w_h5", "HDF5 gzip 1: native_packed")):
+        row(label + ", samples/s", lambda r, k=key: f"{r[k]:>10,.0f}  ({r[k] / r['w_memmap']:.3f}x)")
+    row("bytes/sample on disk, Zarr", lambda r: f"{r['bytes']:>10,.0f}  ({REFERENCE_BYTES / r['bytes']:.1f}x smaller)")
+    row("bytes/sample, HDF5 gzip 1", lambda r: f"{r['bytes_h5']:>10,.0f}  ({r['bytes_h5'] / r['bytes']:.3f}x Zarr)")
+    row("bytes/sample, HDF5 no gzip", lambda r: f"{r['bytes_h5_plain']:>10,.0f}  "
+                                                f"({r['bytes_h5_plain'] / r['bytes']:.3f}x Zarr)")
     row("max |S_t - reference| (fp16 stored)", lambda r: f"{r['err_sim']:.2e}")
     row("max |a_t - reference|", lambda r: f"{r['err_att']:.2e}")
     print(f"(reference: 576x576 float32 = {REFERENCE_BYTES:,} B per image; errors vs reference_targets in fp32; "
-          f"ratios vs memmap)")
+          f"read ratios vs memmap in the same setting; HDF5 sizes are whole files)")
 
 
 if __name__ == "__main__":

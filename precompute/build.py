@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .cache import CacheError, GroupWriter, cache_location, default_group_name, open_cache
 from .datasets import cache_keys, load_records, resolve_image
+from .h5cache import is_h5_cache
 from .images import ImageError, expand2square, load_image
 from .targets import pack_upper, patch_similarity
 from .teachers import Teacher, load_teacher
@@ -70,6 +71,9 @@ class BuildConfig:
         if not Path(self.image_root).is_dir():
             raise ValueError(f"image root {self.image_root} is not a directory")
         cache_location(self.cache)  # a URL nobody can open is refused now, not after the teacher loads
+        if is_h5_cache(self.cache):
+            raise ValueError(f"--cache {self.cache}: a single-file HDF5 cache (`medalign-cache export`) is read-only; "
+                             f"build into a cache folder, then export it again")
 
 
 @dataclass

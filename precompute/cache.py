@@ -1049,8 +1049,12 @@ class Cache(Mapping):
 def open_cache(path) -> Cache:
     """Open a cache for reading (no lock: readers never conflict with each other).
 
-    path: a local folder or an fsspec URL (`cache_location`)."""
+    path: a local folder or an fsspec URL (`cache_location`), or a single-file HDF5
+    cache written by `medalign-cache export` (read by h5cache.py)."""
     path = cache_location(path)
+    if _is_local(path) and path.is_file():
+        from .h5cache import open_h5_cache
+        return open_h5_cache(path)
     if not path.is_dir():
         raise CacheError(f"no cache at {path}; build one with `medalign-cache build ... --cache {path}`")
     if not (path / "zarr.json").is_file():

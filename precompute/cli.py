@@ -14,7 +14,7 @@ import click
 
 from .build import BuildConfig, BuildError, build_cache, parse_part, verify_cache
 from .cache import CacheError, cache_location, open_cache
-from .datasets import LANGUAGES, DatasetError
+from .datasets import LANGUAGES, DatasetError, normalize_key
 from .images import ImageError
 from .teachers import TeacherError, teacher_names
 
@@ -40,6 +40,7 @@ def main():
                           --data train.json --image-root images/ --cache ./cache
     medalign-cache info   --cache ./cache
     medalign-cache verify --cache ./cache --teacher unimed
+    medalign-cache export --cache ./cache --teacher unimed --to cache.h5
 
     Targets are stored at the teacher's native patch grid and resized exactly to
     any student's grid when read (see cache_schema.md).
@@ -191,6 +192,7 @@ def show(cache_path, teacher, image_root, keys, n, patch, patch_xy, grid, out):
     from .show import show_targets
 
     try:
+        keys = [normalize_key(k) for k in keys]   # as the cache spells them: "./a.png" -> "a.png"
         if not keys:
             group = open_cache(cache_path)[teacher]
             keys = [k for k in group.keys() if group.status(k) == "done"][:n]
@@ -202,6 +204,34 @@ def show(cache_path, teacher, image_root, keys, n, patch, patch_xy, grid, out):
         _fail(e)
     click.echo(f"wrote {result.out} ({result.size[0]}x{result.size[1]} px, grid {result.grid}, "
                f"{len(keys)} image{'s' if len(keys) != 1 else ''})")
+
+
+@main.command()
+@click.option("--cache", "cache_path", required=True, metavar="DIR|URL", help="The cache folder (Zarr) to export.")
+@click.option("--teacher", "teachers", required=True, multiple=True,
+              help="Teacher group (name or alias); repeat it to put several groups in the file.")
+@click.option("--to", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The HDF5 file to write (*.h5 or *.hdf5; must not exist).")
+@click.option("--gzip-level", default=1, show_default=True,
+              help="Deflate level, 0 (none: larger, reads ~4x faster) .. 9.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(cache_path, teachers, out, gzip_level, quiet):
+    """Write cache groups into one HDF5 file (read-only; any HDF5 reader reads it).
+
+    \b
+    medalign-cache export --cache ./cache --teacher unimed --to cache.h5
+    medalign-distill run --cache cache.h5 ...          # every command reads it like the folder
+    """
+    from .h5cache import export_h5
+
+    try:
+        reports = export_h5(cache_path, teachers, out, gzip_level=gzip_level, progress=not quiet)
+    except USER_ERRORS as e:
+        _fail(e)
+    for r in reports:
+        click.echo(f"group {r.group}: {r.samples} samples ({r.done} done, {r.failed} failed, {r.pending} pending), "
+                   f"{r.bytes / 1e6:.1f} MB")
+    click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":  # `python -m precompute.cli` / `torchrun -m precompute.cli`

@@ -2,7 +2,7 @@
 
     load_records(path, image_root, fmt="auto", split=None, default_split=None, lang="en") -> [Record]
     cache_keys(records)            the sorted unique image keys (rows of the cache)
-    resolve_image(image_root, key) key -> file path, refusing keys that leave the root
+    resolve_image(image_root, key) key -> file path (or H5Image), refusing keys that leave the root
     missing_images(records, root)  keys whose file is absent (the builder reports them)
 
 Formats (FORMATS; `fmt="auto"` looks at the content):
@@ -15,10 +15,14 @@ Formats (FORMATS; `fmt="auto"` looks at the content):
     slake        [{"qid", "img_name", "question", "answer", "answer_type", "q_lang"}] (`lang`: en kept)
     pathvqa      [{"image", "question", "answer"[, "answer_type"]}]
     csv          a table with an image column and optional question/answer/report columns
+    h5           an HDF5 file (every image stack in it), or a JSON object
+                 {"images": "<file>::<dataset>", "texts": "<table>"}: every row of that
+                 dataset, row i with row i of the table (CheXzero's cxr.h5 + impressions CSV)
 
 The record-list formats read JSON, JSONL or CSV alike. A record's images are
 *cache keys*: paths relative to the image root, posix, normalised, so the same
-image named "./a\\b.png" by one file and "a/b.png" by another is one cache row.
+image named "./a\\b.png" by one file and "a/b.png" by another is one cache row. An image
+inside an HDF5 file is "<file>::<dataset>[<index>]" (h5images.py), e.g. "cxr.h5::/cxr[17]".
 
 Splits: `split` picks one (an R2Gen key, or the records whose `split` field has
 that value; VQA-RAD's public file marks test questions by `phrase_type` instead).
@@ -38,6 +42,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .h5images import H5_SUFFIXES, H5Image, H5OpenError, dataset_length, h5_key, image_datasets, is_hdf5, \
+    parse_h5_key
 from .images import DICOM_SUFFIXES, has_dicom_magic
 
 
@@ -107,10 +113,15 @@ def normalize_key(raw, image_root=None) -> str:
 
     Backslashes are Windows separators; "." and empty parts go; ".." must stay
     inside the root. An absolute path is accepted only inside `image_root`
-    (some evaluation files carry them) and made relative to it.
+    (some evaluation files carry them) and made relative to it. A "::" key names an
+    image inside an HDF5 file: its file part is normalised so, the rest canonically
+    (h5images.parse_h5_key).
     """
     if not isinstance(raw, str) or not raw.strip():
         raise ValueError(f"image path must be a non-empty string, got {raw!r}")
+    if "::" in raw:
+        file, dataset, index = parse_h5_key(raw.strip())
+        return h5_key(normalize_key(file, image_root), dataset, index)
     path = raw.strip().replace("\\", "/")
     if path.startswith("/") or re.match(r"^[A-Za-z]:/", path):
         root = None if image_root is None else os.path.abspath(image_root).replace("\\", "/").rstrip("/")
@@ -128,14 +139,18 @@ def normalize_key(raw, image_root=None) -> str:
     return key
 
 
-def resolve_image(image_root, key: str) -> Path:
-    """The file behind a cache key. Keys that escape the root (absolute, '..')
-    are refused; a symlink inside the root pointing elsewhere is fine (datasets
-    are often assembled from links)."""
+def resolve_image(image_root, key: str) -> Path | H5Image:
+    """The file behind a cache key, or for a "::" key the H5Image inside its file (both
+    have is_file(); load_image takes both). Keys that escape the root (absolute, '..')
+    are refused; a symlink inside the root pointing elsewhere is fine (datasets are often
+    assembled from links)."""
     try:
         normal = normalize_key(key)
     except ValueError as e:
         raise DatasetError(f"image key {key!r}: {e}") from None
+    if "::" in normal:
+        file, dataset, index = parse_h5_key(normal)
+        return H5Image(Path(image_root) / file, dataset, index)
     return Path(image_root) / normal
 
 
@@ -145,7 +160,7 @@ def cache_keys(records) -> list[str]:
 
 
 def missing_images(records, image_root) -> list[str]:
-    """Keys (sorted) whose file does not exist under `image_root`."""
+    """Keys (sorted) whose file (for HDF5 images: the container) does not exist under `image_root`."""
     return [k for k in cache_keys(records) if not resolve_image(image_root, k).is_file()]
 
 
@@ -304,10 +319,20 @@ def _is_image_file(path: str, name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES or has_dicom_magic(path)
 
 
+def _h5_keys(path, rel: str) -> list[str]:
+    """The keys of every image in the HDF5 file `path` (`rel`: its key-normalised name)."""
+    try:
+        stacks = image_datasets(path)
+    except H5OpenError as e:
+        raise DatasetError(f"{path}: {e}; fix or remove it (or move it out of the image folder)") from None
+    return [h5_key(rel, name, i) for name, n in stacks for i in range(n)]
+
+
 @register_format("folder")
 def _folder(data, source: _Source) -> list[Record]:
-    """Every image file (see `_is_image_file`) under the directory, sorted;
-    hidden files and folders (.DS_Store, ._x.png) skipped, symlinked folders followed."""
+    """Every image file (see `_is_image_file`) under the directory, and every image of
+    every image stack in its .h5/.hdf5 files, sorted; hidden files and folders
+    (.DS_Store, ._x.png) skipped, symlinked folders followed."""
     top = Path(source.path) if source.path is not None else Path(source.image_root)
     root = Path(source.image_root)
     if not top.is_dir():
@@ -325,9 +350,14 @@ def _folder(data, source: _Source) -> list[Record]:
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if _is_image_file(os.path.join(dirpath, name), name):
-                rel = os.path.relpath(os.path.join(dirpath, name), root)
-                keys.append(normalize_key(rel.replace(os.sep, "/")))
+            full = os.path.join(dirpath, name)
+            if "::" in name and (_is_image_file(full, name) or name.lower().endswith(H5_SUFFIXES)):
+                raise DatasetError(f"{full}: '::' in a file name cannot be part of a cache key (it marks an image "
+                                   f"inside an HDF5 file); rename the file")
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in H5_SUFFIXES:
+                keys += _h5_keys(full, normalize_key(os.path.relpath(full, root).replace(os.sep, "/")))
+            elif _is_image_file(full, name):
+                keys.append(normalize_key(os.path.relpath(full, root).replace(os.sep, "/")))
     return [Record(id=key, images=(key,), turns=(), task="image") for key in sorted(keys)]
 
 
@@ -466,7 +496,7 @@ _CSV_COLUMNS = {
     "image": ("image", "image_path", "path", "filename", "file", "img_name", "image_name"),
     "question": ("question", "prompt", "instruction"),
     "answer": ("answer", "response"),
-    "report": ("report", "findings"),
+    "report": ("report", "findings", "impression"),
     "id": ("id", "qid", "question_id"),
 }
 
@@ -477,17 +507,24 @@ def _csv(data, source: _Source) -> list[Record]:
     column -> task "report" (prompt: the question column or REPORT_PROMPT); with
     a question column -> "vqa"; image only -> task "image". Headers are matched
     case-insensitively."""
+    return _table(data, source)
+
+
+def _table(data, source: _Source, image_of=None) -> list[Record]:
+    """`_csv`'s rows -> records; `image_of(label)`, when given, is the row's image key
+    instead of its image column (the h5 format: rows aligned with an HDF5 dataset)."""
     rows = source.rows(data, "a table of rows")
     if not rows:
         return []
     header = {name.strip().lower(): name for name in rows[0][1] if isinstance(name, str)}
     columns = {role: [header[n] for n in names if n in header] for role, names in _CSV_COLUMNS.items()}
-    if not columns["image"]:
+    if not columns["image"] and image_of is None:
         raise DatasetError(f"{source.path}: no image column; name one of {_CSV_COLUMNS['image']} "
                            f"(columns present: {sorted(header.values())})")
     for index, (label, row, split) in enumerate(rows):
         rid = _row_id(row, columns["id"], index)
-        image = source.key(_text(row, columns["image"], source, label, rid), label, rid)
+        image = image_of(label) if image_of is not None else \
+            source.key(_text(row, columns["image"], source, label, rid), label, rid)
         question = _text(row, columns["question"], source, label, rid, required=False)
         answer = _text(row, columns["answer"], source, label, rid, required=False, default="")
         report = _text(row, columns["report"], source, label, rid, required=False)
@@ -503,6 +540,77 @@ def _csv(data, source: _Source) -> list[Record]:
             turns, task, kind = (), "image", None
         source.add(label, id=rid, images=(image,), turns=turns, task=task, answer_type=kind, split=split)
     return source.records
+
+
+_H5_FIELDS = {"images", "texts"}
+
+
+@register_format("h5")
+def _h5(data, source: _Source) -> list[Record]:
+    """{"images": "<file>::<dataset>", "texts": "<table>"}: image i is row i of the dataset
+    (<file> relative to the image root; "::<dataset>" may be left out when the file holds
+    one image stack), described by row i of the table (CSV/TSV/JSON/JSONL, path relative
+    to this file; read like the csv format, any image column ignored; a JSON list of
+    strings is a list of reports). Without "texts": images only. (An HDF5 file given as
+    the dataset file itself is read by `_h5_file`.)"""
+    if not isinstance(data, dict) or not isinstance(data.get("images"), str) or set(data) - _H5_FIELDS:
+        raise DatasetError(f"{source.path}: an h5 dataset file is an HDF5 file, or a JSON object "
+                           f'{{"images": "<file>::<dataset>", "texts": "<table of texts>"}} ("texts" optional)'
+                           + (f"; unknown fields {sorted(set(data) - _H5_FIELDS)}" if isinstance(data, dict) else ""))
+    ref = data["images"]
+    where = f"{source.path}: 'images' {ref!r}"
+    file_part, _, dataset = ref.partition("::")
+    try:
+        file = normalize_key(file_part, source.image_root)
+        if dataset:
+            dataset = parse_h5_key(f"{file}::{dataset}[0]")[1]
+    except ValueError as e:
+        raise DatasetError(f"{where}: {e}") from None
+    container = Path(source.image_root) / file
+    if not dataset:
+        try:
+            stacks = image_datasets(container)
+        except H5OpenError as e:
+            raise DatasetError(f"{where}: {container}: {e}") from None
+        if len(stacks) != 1:
+            raise DatasetError(f"{where}: {container} holds {len(stacks)} image stacks "
+                               f"({', '.join(name for name, _ in stacks[:8]) or 'none'}); name one: "
+                               f"\"{file}::<dataset>\"")
+        dataset = stacks[0][0]
+    try:
+        n = dataset_length(container, dataset)
+    except ValueError as e:
+        raise DatasetError(f"{where}: {e}") from None
+    keys = [h5_key(file, dataset, i) for i in range(n)]
+    if data.get("texts") is None:
+        return [Record(id=key, images=(key,), turns=(), task="image") for key in keys]
+
+    table = Path(source.path).parent / str(data["texts"])
+    rows, labels, _ = _read(table)
+    if isinstance(rows, list) and rows and all(isinstance(r, str) for r in rows):
+        rows = [{"report": r} for r in rows]
+    if not isinstance(rows, list) or len(rows) != n:
+        count = f"{len(rows)} rows" if isinstance(rows, list) else f"a {type(rows).__name__}, not a list of rows"
+        raise DatasetError(f"{table}: {count}, but {file}::{dataset} holds {n} images; row i of the texts "
+                           f"describes image i, so there must be one row per image")
+    labels = labels or [f"record {i}" for i in range(n)]
+    image_at = dict(zip(labels, keys))
+    texts = _Source(table, source.image_root, source.split, labels, source.default_split, source.lang)
+    return _table(rows, texts, image_of=image_at.__getitem__)
+
+
+def _h5_file(path: Path, image_root: Path) -> list[Record]:
+    """--data x.h5: every image of every image stack in it (images only, like a folder)."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(image_root))
+    if rel == ".." or rel.startswith(".." + os.sep):
+        raise DatasetError(f"{path}: HDF5 file is not inside the image root {image_root}; its images' keys are "
+                           f"relative to it: pass its folder (or a folder above) as --image-root")
+    keys = _h5_keys(path, normalize_key(rel.replace(os.sep, "/")))
+    if not keys:
+        raise DatasetError(f"{path}: no image stacks in this HDF5 file (numeric datasets [N,H,W], [N,H,W,C] or "
+                           f"[N,C,H,W]); name a dataset with a JSON file "
+                           f'{{"images": "<file>::<dataset>"}} (--format h5) if the layout was not recognised')
+    return [Record(id=key, images=(key,), turns=(), task="image") for key in keys]
 
 
 # ----------------------------------------------------------------------------- reading and detection
@@ -567,6 +675,8 @@ def detect_format(data, kind: str, path=None) -> str:
     if kind == "csv":
         return "csv"
     if isinstance(data, dict):
+        if isinstance(data.get("images"), str) and set(data) <= _H5_FIELDS:
+            return "h5"
         for value in data.values():
             if isinstance(value, list) and value and isinstance(value[0], dict) and \
                     ("image_path" in value[0] or "report" in value[0]):
@@ -619,10 +729,13 @@ def load_records(path, image_root, fmt: str = "auto", split: str | None = None, 
         source = _Source(None if path is None else Path(path), image_root, split)
         records = _folder(None, source)
         if not records:
-            raise DatasetError(f"{path or image_root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+            raise DatasetError(f"{path or image_root}: no image files ({', '.join(IMAGE_SUFFIXES + H5_SUFFIXES)}) "
+                               f"found")
         return records
 
     path = Path(path)
+    if fmt in ("auto", "h5") and is_hdf5(path):
+        return _h5_file(path, image_root)
     data, labels, kind = _read(path)
     name = detect_format(data, kind, path) if fmt == "auto" else fmt
     records = FORMATS[name](data, _Source(path, image_root, split, labels, default_split, lang))

@@ -1,7 +1,8 @@
 """Decode any image a medical dataset ships into the 8-bit RGB a CLIP teacher
 and a LLaVA student expect.
 
-    load_image(path)       PNG/JPEG/BMP/TIFF in every PIL mode, and DICOM -> PIL "RGB"
+    load_image(path)       PNG/JPEG/BMP/TIFF in every PIL mode, DICOM, and images inside
+                           HDF5 files ("cxr.h5::/cxr[17]", h5images.py) -> PIL "RGB"
     expand2square(img)     LLaVA's pad-to-square
     has_dicom_magic(path)  the Part 10 "DICM" marker (suffix-less DICOM exports)
     ImageError             one line: "<path>: <what is wrong>"
@@ -52,9 +53,19 @@ def load_image(path) -> Image.Image:
     - Multi-page TIFF/GIF: the first page.
     - DICOM (suffix .dcm/.dicom or the "DICM" magic at byte 128): see
       `_load_dicom`; needs pydicom. Multi-frame DICOM: the middle frame.
+    - An image inside an HDF5 file: an `h5images.H5Image` (what `resolve_image`
+      returns for a "<file>::<dataset>[<index>]" key) or such a string; see h5images.py.
     Every failure (missing, empty, truncated, not an image, decompression bomb)
     raises ImageError naming the file.
     """
+    if "::" in str(path):
+        from .h5images import H5Image, load_h5_image  # h5py is imported only for HDF5 images
+        if not isinstance(path, H5Image):
+            try:
+                path = H5Image.parse(str(path))
+            except ValueError as e:
+                raise ImageError(str(e)) from None
+        return load_h5_image(path)
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
