@@ -6,6 +6,7 @@ which is validated, saved in the run directory, and handed to `train`.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def _opt(*names, **kw):
 @_opt("--chat-template", type=click.Choice(sorted(CHAT_TEMPLATES)),
       help="Prompt template by name, instead of the student's own [the student's; converted students carry "
            "the one MedAlign used].")
+@_opt("--images", type=click.Choice(["first", "all"]),
+      help="Records with several images (IU-Xray's views): show the student the first, or all of them, each "
+           "its own block of visual tokens with its own teacher targets [first].")
 @_opt("--lora-r", type=int, help="LoRA rank [32].")
 @_opt("--lora-alpha", type=int, help="LoRA alpha [16].")
 @_opt("--lora-dropout", type=float, help="LoRA dropout [0.05].")
@@ -168,7 +172,7 @@ def convert(model_dir, vision_tower, out, chat_template, quiet):
 
 @main.command("eval")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Run directory: its base student + adapter/ + alignment/.")
+              help="Run directory (its base student + adapter/ + alignment/), or a folder `export` wrote.")
 @click.option("--student", default=None, help="Without --run: a base student (local LLaVA directory or 'tiny').")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --student: directory for the base model's results (DIR/eval/<data-stem>/).")
@@ -194,6 +198,10 @@ def convert(model_dir, vision_tower, out, chat_template, quiet):
               help="Image preprocessing [the run's, as in training; off for a base student].")
 @click.option("--meteor/--no-meteor", default=True, show_default=True,
               help="METEOR needs Java (pycocoevalcap's METEOR 1.5 jar).")
+@click.option("--masks", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="An .npz of region masks per image key: also score the share of the student's attention "
+                   "inside them (metrics.json 'grounding').")
+@click.option("--layer", type=int, default=None, help="Decoder layer read for --masks [the run's].")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", "num_workers", default=2, show_default=True, help="Image-loading workers.")
@@ -206,9 +214,9 @@ def eval_(run_dir, student, out, base_only, data, image_root, quiet, **kw):
     medalign-distill eval --run runs/unimed-l20 --base-only --data ...     # the baseline row
     medalign-distill eval --student ~/models/llava-med-hf --out runs/base --data ...
     """
-    import json
 
-    from .evaluate import EvalError, evaluate
+    from .evaluate import EvalError, LoadError, evaluate
+    from .grounding import MaskError
     from .student import StudentError
 
     if run_dir is None and student is None:
@@ -219,7 +227,7 @@ def eval_(run_dir, student, out, base_only, data, image_root, quiet, **kw):
         with _quiet_libraries(quiet):
             dest = evaluate(data, image_root, run=run_dir, student=student, out=out, base_only=base_only,
                             progress=not quiet, **kw)
-    except (EvalError, StudentError, *USER_ERRORS) as e:
+    except (EvalError, LoadError, StudentError, MaskError, *USER_ERRORS) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise click.ClickException(str(msg)) from e
     m = json.loads((dest / "metrics.json").read_text())
@@ -235,11 +243,134 @@ def eval_(run_dir, student, out, base_only, data, image_root, quiet, **kw):
                    f"{fmt(med['open_recall'])} (n={med['open_n']}); our closed accuracy "
                    f"{fmt(vqa['closed']['accuracy'])}, LLaVA-Med rule {fmt(vqa['closed']['accuracy_llava_med'])} "
                    f"(n={vqa['closed']['n']})")
+    g = m.get("grounding")
+    if g and g["attention_in_mask"] is not None:
+        click.echo(f"attention inside the masks at layer {g['layer']}: {100 * g['attention_in_mask']:.1f}% "
+                   f"(chance {100 * g['chance']:.1f}%, n={g['n']})")
     text = m.get("text", {}).get("all")
     if text:
         click.echo("  ".join(f"{k} {'—' if text.get(k) is None else f'{100 * text[k]:.2f}'}"
                              for k in ("BLEU_1", "BLEU_4", "ROUGE_L", "METEOR", "CIDEr")))
     click.echo(f"predictions and metrics: {dest}")
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A finished run (or an exported folder): base + adapter + alignment transform.")
+@click.option("--student", default=None, help="Without --run: a base student (local LLaVA folder or 'tiny').")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="An image (PNG/JPEG/DICOM/...); repeat for several.")
+@click.option("--question", "questions", multiple=True,
+              help="A question; one per --image, one for all of them, or with --together one about all.")
+@click.option("--together", is_flag=True, default=False,
+              help="All --image files are one study (e.g. two X-ray views) asked one --question "
+                   "(needs a run trained with --images all to show the student more than the first).")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Instead of --image/--question: the questions of a dataset file.")
+@click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder the --data paths are relative to; with --image, the folder cache keys are relative to.")
+@click.option("--limit", type=int, default=None, help="With --data: only the first N questions.")
+@click.option("--format", "fmt", default="auto", show_default=True, help="Dataset format of --data.")
+@click.option("--split", default=None, help="Split of --data [test where the file holds several].")
+@click.option("--attention", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw the student's prompt-to-image attention (and the teacher's, if cached) into this PNG.")
+@click.option("--layer", type=int, default=None, help="Decoder layer of the attention picture [the run's].")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--num-beams", default=1, show_default=True, help="1: greedy, streamed; more: beam search.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def predict(run_dir, student, images, questions, together, data, image_root, limit, fmt, split, attention, layer,
+            max_new_tokens, num_beams, precision, device):
+    """Ask a trained model (or a base student) about images; answers stream as they are generated.
+
+    \b
+    medalign-distill predict --run runs/unimed-l20 --image scan.dcm --question "Is there a pleural effusion?"
+    medalign-distill predict --run runs/unimed-l20 --data test.json --image-root images/ --limit 5
+    medalign-distill predict --run runs/unimed-l20 --image scan.png --question "..." --attention att.png
+    """
+    from precompute.cache import open_cache
+
+    from .evaluate import EvalError, select_records
+    from .inference import LoadError, load_medalign
+    from .predict import PredictError, attention_picture, predict as run_predict, questions_from_args
+    from .student import StudentError
+
+    try:
+        if (run_dir is None) == (student is None):
+            raise click.UsageError("give --run RUN (a trained run or export) or --student PATH_OR_tiny")
+        if data is not None:
+            if images or questions:
+                raise click.UsageError("--data replaces --image/--question; give one or the other")
+            if image_root is None:
+                raise click.UsageError("--data needs --image-root")
+            records, root = select_records(data, image_root, fmt=fmt, split=split, limit=limit), image_root
+        else:
+            records, root = questions_from_args(list(images), list(questions), together)
+            if image_root is not None:  # keys relative to the cache's image root: the teacher panel can find them
+                records, root = _rebase(records, root, image_root), image_root
+        home = None if run_dir is not None else Path(".medalign")
+        m = load_medalign(run_dir, student=student, home=home, device=device, precision=precision)
+        run_config = json.loads((run_dir / "config.json").read_text()) if run_dir and \
+            (run_dir / "config.json").is_file() else {}
+        at = layer if layer is not None else (m.info.get("alignment") or {}).get("layer") or run_config.get("layer")
+        if attention is not None and at is None:
+            raise click.UsageError("--attention on a base student needs --layer N")
+        answers = run_predict(m, records, root, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                              write=lambda t: click.echo(t, nl=False), attention_layer=at if attention else None)
+        if attention is not None:
+            group = None
+            if run_config.get("cache") and run_config.get("teacher"):
+                try:
+                    group = open_cache(run_config["cache"])[run_config["teacher"]]
+                except (KeyError, *USER_ERRORS):
+                    group = None  # the teacher panel is a bonus: a moved cache only loses it
+            attention_picture(attention, m, answers, root, group, at,
+                              f"{run_dir or student}: student attention at layer {at}")
+            click.echo(f"attention: {attention}")
+    except (PredictError, LoadError, EvalError, StudentError, *USER_ERRORS) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise click.ClickException(str(msg)) from e
+
+
+def _rebase(records, root: Path, image_root: Path):
+    """Records over `root` -> the same images as keys relative to `image_root`."""
+    from dataclasses import replace
+
+    try:
+        return [replace(r, images=tuple((root / k).resolve().relative_to(image_root.resolve()).as_posix()
+                                        for k in r.images)) for r in records]
+    except ValueError:
+        raise click.UsageError(f"--image files must lie under --image-root {image_root}") from None
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A finished run (the --out of `medalign-distill run`).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
+@click.option("--merge", is_flag=True, default=False,
+              help="Merge the LoRA adapter into the weights (the alignment transform stays a separate file).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="With --merge: dtype of the merged weights [the base checkpoint's].")
+def export(run_dir, out, merge, dtype):
+    """Write a finished run as one self-contained folder: base, adapter (or merged), alignment, README.
+
+    \b
+    medalign-distill export --run runs/unimed-l20 --out ~/models/llava-med-medalign
+    medalign-distill export --run runs/unimed-l20 --out ~/models/llava-med-medalign-merged --merge --dtype bf16
+
+    Load it with `from distill import load_medalign` (README.md in the folder says how).
+    """
+    from .export import ExportError
+    from .export import export as run_export
+    from .inference import LoadError
+    from .student import StudentError
+
+    try:
+        dest = run_export(run_dir, out, merge=merge, dtype=dtype)
+    except (ExportError, LoadError, StudentError, *USER_ERRORS) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise click.ClickException(str(msg)) from e
+    click.echo(f"exported: {dest} (load it with distill.load_medalign; see {dest / 'README.md'})")
 
 
 @main.command()

@@ -29,6 +29,7 @@ from .evaluate import headline
 IGNORED_FIELDS = ("out", "resume", "num_workers", "log_every", "save_every")
 # closed_acc_medalign and open_recall are the paper's VQA columns (MedAlign's run_eval.py rules).
 METRIC_COLUMNS = ("closed_acc_medalign", "open_recall", "closed_acc", "closed_acc_llava_med", "vqa_overall",
+                  "grounding", "grounding_chance",
                   "BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "METEOR", "CIDEr")
 LOSS_COLUMNS = ("steps", "loss", "ntp", "vis", "att")
 

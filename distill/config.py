@@ -42,6 +42,7 @@ class RunConfig:
     attn_temperature: float = 1.0
     pad_to_square: bool | None = None  # None: the student's geometry if it declares one, else the cache's
     chat_template: str | None = None   # None: the student's own; else a name in distill.templates.CHAT_TEMPLATES
+    images: str = "first"            # "first": a record's first image; "all": every image, each with its targets
     # LoRA
     lora_r: int = 32
     lora_alpha: int = 16
@@ -84,6 +85,8 @@ class RunConfig:
         if self.chat_template is not None and self.chat_template not in CHAT_TEMPLATES:
             problems.append(f"chat_template must be one of {', '.join(sorted(CHAT_TEMPLATES))}, "
                             f"got {self.chat_template!r}")
+        if self.images not in ("first", "all"):
+            problems.append(f"images must be 'first' or 'all', got {self.images!r}")
         if self.attn_loss not in ("kl", "softmax-kl"):
             problems.append(f"attn_loss must be 'kl' or 'softmax-kl', got {self.attn_loss!r}")
         if self.attn_temperature <= 0:

@@ -64,10 +64,9 @@ from precompute.cache import open_cache
 from precompute.datasets import Record, load_records
 
 from .config import RunConfig
-from .data import DistillDataset, make_collate
-from .evaluate import run_pad_to_square
-from .student import (AlignmentTransform, DistillTap, StudentError, load_adapter, load_alignment,
-                      load_student, make_tiny_student)
+from .data import DistillDataset, make_collate, record_images
+from .inference import load_medalign
+from .student import (AlignmentTransform, DistillTap, StudentError, load_adapter, load_alignment)
 
 log = logging.getLogger("medalign.distill")
 
@@ -184,13 +183,14 @@ def image_labels(images: list[str], by_image: dict[str, list[Record]], label_by:
 
 @torch.no_grad()
 def student_pass(student, tap: DistillTap, dataset, collate, device, batch_size: int):
-    """Every sample once: (attention [N, V] at layer l, mean aligned visual state [N, D] at l-1)."""
+    """Every image of every sample once: (attention [N, V] at layer l, mean aligned visual
+    state [N, D] at l-1), N images in sample order."""
     model = student.model
     model.eval()
     atts, feats = [], []
     for lo in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))])
-        tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device))
+        tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device), batch["image_rows"].to(device))
         model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
               pixel_values=batch["pixel_values"].to(device, dtype=model.dtype))
         atts.append(tap.visual_attention.float().cpu())
@@ -304,6 +304,36 @@ def attention_figure(out: Path, rows: list[dict], grid: int, header: str) -> dic
     return boxes
 
 
+def answer_figure(out: Path, rows: list[dict], grid: int, header: str) -> None:
+    """predict's picture: per image, the image (titled with question and answer), the
+    teacher's target where the cache holds it, the student's attention at the run's layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rows)
+    fig, axes = plt.subplots(n, 3, figsize=(3 * PANEL + 0.8, n * PANEL + TITLE_H), dpi=DPI, squeeze=False,
+                             layout="constrained")
+    fig.suptitle(header, fontsize=9)
+    for r, row in enumerate(rows):
+        ax = axes[r, 0]
+        ax.imshow(row["picture"])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{row['key']}\nQ: {row['question'][:40]}\nA: {row['answer'][:40]}", fontsize=7)
+        if row["teacher"] is not None:
+            _heat(axes[r, 1], row["picture"], row["teacher"], grid, "teacher a_t (cache)")
+        else:
+            axes[r, 1].axis("off")
+            axes[r, 1].text(0.5, 0.5, "not in the run's cache", ha="center", va="center", fontsize=8)
+        title = f"student attention, layer {row['layer']}"
+        if row["teacher"] is not None:
+            title += f"\ncos to teacher {_cos(row['student'], row['teacher']):.3f}"
+        _heat(axes[r, 2], row["picture"], row["student"], grid, title)
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+
+
 def tsne_figure(out: Path, panels: list[tuple[str, np.ndarray, float | None]], labels: list[str],
                 method: str, header: str) -> None:
     import matplotlib
@@ -357,9 +387,10 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
     records = [r for r in load_records(data, image_root, fmt=fmt, split=split, lang=lang) if r.turns]
     if not records:
         raise PicturesError(f"{data}: no records with a question/answer (the student needs a prompt)")
-    by_image: dict[str, list[Record]] = {}
+    by_image: dict[str, list[Record]] = {}   # image key -> the records that show it to the student
     for r in records:
-        by_image.setdefault(r.images[0], []).append(r)
+        for k in record_images(r, config.images):
+            by_image.setdefault(k, []).append(r)
     group = open_cache(config.cache)[config.teacher]
     usable = [k for k in by_image if k not in set(group.missing(list(by_image)))]
     if keys:
@@ -381,25 +412,24 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
     labels, rule = image_labels(images, by_image, label_by, field_values)
 
     # ---- the student, before and after
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and dev.type == "cuda")
-    student_path = Path(config.student) if config.student != "tiny" else run / "tiny-student"
-    if config.student == "tiny" and not (student_path / "config.json").is_file():
-        make_tiny_student(student_path, seed=config.seed)
-    student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32, device=str(dev),
-                           chat_template=config.chat_template)
+    # the base student as every command loads it: template, geometry and image mode of the run
+    base = load_medalign(run, base_only=True, device=device,
+                         precision=config.precision if config.precision in ("bf16", "fp32") else "auto")
+    student, dev = base.student, base.device
     if student.num_layers <= config.layer:
-        raise PicturesError(f"layer {config.layer} of the run does not exist in {student_path}")
-    pad = run_pad_to_square(run, config.to_dict())  # the geometry the run trained with
-    first = [by_image[k][0] for k in images]  # the prompt each image is shown with
+        raise PicturesError(f"layer {config.layer} of the run does not exist in {base.info['student_path']}")
+    first = [by_image[k][0] for k in images]  # the prompt each image is shown with (with its record's others)
     dataset = DistillDataset(first, image_root, student.processor, student.num_visual_tokens, config.max_length,
-                             None, pad)
+                             None, base.pad_to_square, images=config.images)
     pad_id = student.processor.tokenizer.pad_token_id
     collate = make_collate(pad_id if pad_id is not None else 0, student.image_token_id, student.num_visual_tokens)
+    # student_pass returns one row per image shown; image k's row in its record's prompt:
+    starts = np.cumsum([0] + [len(record_images(r, config.images)) for r in first])
+    row_of = [int(starts[i]) + record_images(r, config.images).index(k) for i, (k, r) in enumerate(zip(images, first))]
 
     identity = AlignmentTransform(student.hidden_size).to(dev)  # W = 0: X~ = X, only to read X at l-1
     tap = DistillTap(student, config.layer, identity, capture_attention=True)
-    att_before, feat_before = student_pass(student, tap, dataset, collate, dev, batch_size)
+    att_before, feat_before = (x[row_of] for x in student_pass(student, tap, dataset, collate, dev, batch_size))
     tap.remove()
 
     student.model = load_adapter(student.model, adapter_dir)
@@ -410,7 +440,7 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
             raise StudentError(f"{alignment_dir} was trained for layer {transform.layer}, the run says "
                                f"{config.layer}")
     tap = DistillTap(student, config.layer, transform, capture_attention=True)
-    att_after, feat_after = student_pass(student, tap, dataset, collate, dev, batch_size)
+    att_after, feat_after = (x[row_of] for x in student_pass(student, tap, dataset, collate, dev, batch_size))
     tap.remove()
 
     # ---- teacher
@@ -436,7 +466,7 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
         i = index[k]
         t = teacher_attn[i].numpy()
         row = {"key": k, "question": by_image[k][0].turns[0][0].replace("\n", " "), "layer": config.layer,
-               "picture": _student_picture(dataset[i]["pixel_values"], student.processor.image_processor),
+               "picture": _student_picture(dataset.pixels(k), student.processor.image_processor),
                "teacher": t / t.max(), "before": att_before[i], "after": att_after[i],
                "cos_before": _cos(att_before[i], t), "cos_after": _cos(att_after[i], t)}
         rows.append(row)
@@ -480,5 +510,5 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
                                      ("teacher", "before", "after")})
 
 
-__all__ = ["PicturesError", "PicturesResult", "attention_figure", "embed_2d", "image_labels", "knn_agreement",
+__all__ = ["PicturesError", "PicturesResult", "answer_figure", "attention_figure", "embed_2d", "image_labels", "knn_agreement",
            "make_pictures", "student_pass", "tsne_figure"]

@@ -438,15 +438,17 @@ def load_alignment(path) -> AlignmentTransform:
 
 def prompt_visual_attention(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float,
                             query_mask: torch.Tensor, visual_index: torch.Tensor,
-                            sliding_window: int | None = None) -> torch.Tensor:
-    """Head- and row-averaged attention probabilities of the selected query rows over the visual keys.
+                            sliding_window: int | None = None, image_rows: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+    """Head- and row-averaged attention probabilities of the selected query rows over each image's keys.
 
     query [B, H, T, hd] and key [B, Hkv, S, hd] as the attention function receives them
     (after RoPE, key not yet repeated for GQA); query_mask [B, T] the rows to average;
-    visual_index [B, V] the key columns to keep. Returns [B, V] float32.
+    visual_index [N, V] the key columns of each of N images and image_rows [N] the batch
+    row each sits in (default: one image per row, N = B). Returns [N, V] float32.
 
     Each row is normalised over ALL the keys it attends to (a softmax over S), and only
-    then are the visual columns taken, as in the eager attention weights. Only the
+    then are an image's columns taken, as in the eager attention weights. Only the
     selected rows are computed, in float32 with autocast off: [B, H, R, S], never [B, H, T, S].
 
     attention_mask, as transformers hands it to attention functions:
@@ -493,9 +495,14 @@ def prompt_visual_attention(query: torch.Tensor, key: torch.Tensor, attention_ma
             raise StudentError(f"attention capture: unsupported attention mask of shape "
                                f"{tuple(attention_mask.shape)} (use attn_implementation sdpa, eager or flash)")
         probs = logits.softmax(-1)                                                          # [B, H, R, S]
-        V = visual_index.shape[1]
-        cols = probs.gather(3, visual_index[:, None, None, :].expand(B, H, R, V)).mean(1)  # heads -> [B, R, V]
-        return (cols * valid[..., None]).sum(1) / counts[:, None].to(cols.dtype)
+        if image_rows is None:
+            image_rows = torch.arange(B, device=query.device)
+        N, V = visual_index.shape
+        cols = probs[image_rows].gather(3, visual_index[:, None, None, :].expand(N, H, R, V)).mean(1)  # [N, R, V]
+        # where(), not a product: a padding row may be a left-pad position that attends to
+        # nothing, whose softmax is NaN (and NaN * 0 is NaN)
+        cols = torch.where(valid[image_rows, :, None], cols, 0.0)
+        return cols.sum(1) / counts[image_rows, None].to(cols.dtype)
 
 
 _TAP_PREFIX = "medalign_tap_"
@@ -542,9 +549,9 @@ class DistillTap:
 
     - transform (if given): a forward hook on decoder layer index `layer - 1` replaces the
       visual tokens' hidden states in the layer's output by transform(X); the result is
-      kept in `aligned_visual` [B, V, D] for L_vis.
+      kept in `aligned_visual` [N, V, D] (N images) for L_vis.
     - capture_attention: at decoder layer index `layer` only, the prompt rows' attention
-      over the visual tokens, head- and row-averaged -> `visual_attention` [B, V] float32.
+      over the visual tokens, head- and row-averaged -> `visual_attention` [N, V] float32, one map per image.
     Nothing is installed for a part that is off, so the model runs unchanged.
 
     Call `set_batch` before each forward. The values are kept from the model's forward
@@ -561,9 +568,10 @@ class DistillTap:
             raise StudentError(f"DistillTap: layer must be in [1, {len(layers) - 1}] for a student with "
                                f"{len(layers)} decoder layers (the transform sits at layer - 1), got {layer}")
         self.layer, self.transform, self.capture_attention = layer, transform, capture_attention
+        self._model = student.model
         self.aligned_visual: torch.Tensor | None = None
         self.visual_attention: torch.Tensor | None = None
-        self._visual_index = self._query_mask = None
+        self._visual_index = self._query_mask = self._image_rows = None
         self._armed_vis = self._armed_att = False
         self._handles = []
         self._restore = None
@@ -584,14 +592,43 @@ class DistillTap:
             attn._medalign_tap = self
             self._restore = (config, base, attn)
 
-    def set_batch(self, visual_index: torch.Tensor, query_mask: torch.Tensor) -> None:
-        """visual_index [B, V]: positions of each sample's visual tokens; query_mask [B, T]:
-        the prompt text rows after the image and before the answer."""
-        if visual_index.ndim != 2 or query_mask.ndim != 2 or visual_index.shape[0] != query_mask.shape[0]:
-            raise StudentError(f"DistillTap.set_batch: expected visual_index [B, V] and query_mask [B, T], got "
-                               f"{tuple(visual_index.shape)} and {tuple(query_mask.shape)}")
+    def set_batch(self, visual_index: torch.Tensor, query_mask: torch.Tensor,
+                  image_rows: torch.Tensor | None = None) -> None:
+        """visual_index [N, V]: the positions of each image's visual tokens; image_rows [N]:
+        the batch row of each image (default: one image per row); query_mask [B, T]: the
+        prompt text rows after the images and before the answer."""
+        if visual_index.ndim != 2 or query_mask.ndim != 2 or \
+                (image_rows is None and visual_index.shape[0] != query_mask.shape[0]) or \
+                (image_rows is not None and image_rows.shape != visual_index.shape[:1]):
+            raise StudentError(f"DistillTap.set_batch: expected visual_index [N, V], image_rows [N] and query_mask "
+                               f"[B, T], got {tuple(visual_index.shape)}, "
+                               f"{None if image_rows is None else tuple(image_rows.shape)} and "
+                               f"{tuple(query_mask.shape)}")
+        if image_rows is None:
+            image_rows = torch.arange(visual_index.shape[0], device=visual_index.device)
         self._visual_index, self._query_mask = visual_index.long(), query_mask.bool()
+        self._image_rows = image_rows.long()
         self.aligned_visual = self.visual_attention = None
+
+    def follow_input_ids(self, image_token_id: int, num_visual_tokens: int) -> None:
+        """Find the images in every forward's input_ids by themselves (no set_batch): what
+        makes a loaded model usable with a plain `model.generate(input_ids=..., pixel_values=...)`.
+        Only the alignment transform can run like this (the attention capture needs the
+        prompt rows, which the ids alone do not tell)."""
+        if self.capture_attention:
+            raise StudentError("DistillTap.follow_input_ids: the attention capture needs set_batch")
+
+        def hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None or ids.shape[1] == 1 or not bool((ids == image_token_id).any()):
+                return None  # a decode step (the images are in the KV cache) or no image at all
+            from .data import visual_layout
+            visual_index, image_rows = visual_layout(ids, image_token_id, num_visual_tokens,
+                                                     kwargs.get("attention_mask"))
+            self.set_batch(visual_index, torch.zeros_like(ids, dtype=torch.bool), image_rows)
+            return None
+
+        self._handles.append(_unwrap(self._model).register_forward_pre_hook(hook, with_kwargs=True))
 
     def _arm(self, module, args):
         self._armed_vis = self._armed_att = True
@@ -613,8 +650,8 @@ class DistillTap:
         if not self._batch_for(B, T):
             return None
         vi = self._visual_index.to(hidden.device)
-        rows = torch.arange(B, device=hidden.device)[:, None].expand_as(vi)
-        aligned = self.transform(hidden[rows, vi])                       # [B, V, D]
+        rows = self._image_rows.to(hidden.device)[:, None].expand_as(vi)
+        aligned = self.transform(hidden[rows, vi])                       # [N, V, D]
         hidden = hidden.index_put((rows, vi), aligned)                   # out of place: autograd-safe
         if self._armed_vis:
             self.aligned_visual, self._armed_vis = aligned, False
@@ -626,7 +663,8 @@ class DistillTap:
         # Computed on recomputation too: checkpointing matches the tensors saved for
         # backward by their order, so the replayed layer must do the same work.
         att = prompt_visual_attention(query, key, attention_mask, scaling, self._query_mask.to(query.device),
-                                      self._visual_index.to(query.device), sliding_window)
+                                      self._visual_index.to(query.device), sliding_window,
+                                      self._image_rows.to(query.device))
         if self._armed_att:
             self.visual_attention, self._armed_att = att, False
 

@@ -35,7 +35,7 @@ from precompute.datasets import load_records
 from precompute.targets import RECIPE, bilinear_matrix, resize_attention, resize_similarity, unpack_upper
 
 from .config import RunConfig
-from .data import DistillDataset, SampleError, make_collate
+from .data import DistillDataset, SampleError, make_collate, record_images
 from .losses import attention_distill_loss, next_token_loss, visual_alignment_loss
 from .student import (AlignmentTransform, DistillTap, apply_lora, conversion_record, load_alignment,
                       load_student, make_tiny_student, save_alignment, student_geometry)
@@ -160,9 +160,9 @@ def preflight(config: RunConfig, records, group, student_pad: bool | None = None
         raise RunError(f"{len(unusable)} records have no question/answer (e.g. {unusable[:3]}): a folder of "
                        f"images can feed a cache build, but training needs a dataset with conversations")
     multi = sum(len(r.images) > 1 for r in records)
-    if multi:
+    if multi and config.images == "first":
         warnings.append(f"{multi} records name several images; the student sees the first of each "
-                        f"(LLaVA-style students take one image)")
+                        f"(--images all shows it every image, each with its own targets)")
     if group is None:
         return warnings
     _check_complete(config, records, group)
@@ -179,7 +179,7 @@ def check_student(config: RunConfig, student) -> None:
 
 
 def _check_complete(config: RunConfig, records, group) -> None:
-    keys = sorted({r.images[0] for r in records})
+    keys = sorted({k for r in records for k in record_images(r, config.images)})
     missing = group.missing(keys)
     if not missing:
         return
@@ -495,7 +495,8 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
 
     # A removed loss costs nothing: its target is never read from the cache.
     dataset = DistillDataset(records, config.image_root, student.processor, student.num_visual_tokens,
-                             config.max_length, group, pad, need_sim=config.alpha > 0, need_attn=config.beta > 0)
+                             config.max_length, group, pad, need_sim=config.alpha > 0, need_attn=config.beta > 0,
+                             images=config.images)
     pad_id = student.processor.tokenizer.pad_token_id
     collate = make_collate(pad_id if pad_id is not None else 0, student.image_token_id,
                            student.num_visual_tokens)
@@ -524,31 +525,33 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
              "distill (alpha=%g, beta=%g, layer %d)" % (config.alpha, config.beta, config.layer)
              if config.distill else "plain LoRA", device, "on" if use_ckpt else "off")
 
-    def forward_losses(batch, n_tokens: float, n_samples: float):
+    def forward_losses(batch, n_tokens: float, n_images: float):
         """One micro-batch: its share of the step's losses, normalised by the step's
-        GLOBAL token and sample counts, so that accumulation and ranks add up exactly
-        to one big batch (next-token loss per answer token, L_vis/L_att per sample)."""
+        GLOBAL token and image counts, so that accumulation and ranks add up exactly
+        to one big batch (next-token loss per answer token, L_vis/L_att per image: each
+        image of a multi-image record against its own targets)."""
         if tap is not None:
-            tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device))
+            tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device),
+                          batch["image_rows"].to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device),
                            pixel_values=batch["pixel_values"].to(device, dtype=model.dtype)).logits
         labels = batch["labels"].to(device)
         ntp = next_token_loss(logits, labels, never=student.image_token_id)
-        B = labels.shape[0]
+        N = batch["visual_index"].shape[0]
         sums = {"ntp": ntp}
         loss = ntp / n_tokens
         if tap is not None:
             sim_t, attn_t = teacher_targets_on_device(batch, student.grid, native_grid, device,
                                                       config.alpha > 0, config.beta > 0)
             if config.alpha > 0:
-                sums["vis"] = visual_alignment_loss(tap.aligned_visual.float(), sim_t) * B
-                loss = loss + config.alpha * sums["vis"] / n_samples
+                sums["vis"] = visual_alignment_loss(tap.aligned_visual.float(), sim_t) * N
+                loss = loss + config.alpha * sums["vis"] / n_images
             if config.beta > 0:
                 sums["att"] = attention_distill_loss(tap.visual_attention.float(), attn_t, mode=config.attn_loss,
-                                                     temperature=config.attn_temperature) * B
-                loss = loss + config.beta * sums["att"] / n_samples
+                                                     temperature=config.attn_temperature) * N
+                loss = loss + config.beta * sums["att"] / n_images
         loss.backward()
         return {k: v.item() for k, v in sums.items()}
 
@@ -572,11 +575,12 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
                 raise SampleError("; ".join(f"sample {e['id']!r} ({e['key']}): {e['error']}" for e in broken))
             local = [sum(float((b["labels"][:, 1:] != -100).sum()) for b in mine),
                      sum(b["input_ids"].shape[0] for b in mine),
+                     sum(b["visual_index"].shape[0] for b in mine),
                      sum(float(b["attention_mask"].sum()) for b in mine)]
-            n_tokens, n_samples, n_seen = dist.sum(local, device)
+            n_tokens, n_samples, n_images, n_seen = dist.sum(local, device)
             sums = {"ntp": 0.0, "vis": 0.0, "att": 0.0}
             for batch in mine:
-                for k, v in forward_losses(batch, max(n_tokens, 1.0), n_samples).items():
+                for k, v in forward_losses(batch, max(n_tokens, 1.0), n_images).items():
                     sums[k] += v
             all_reduce_grads(params, dist)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -586,7 +590,7 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             ntp, vis, att = dist.sum([sums["ntp"], sums["vis"], sums["att"]], device)
-            ntp, vis, att = ntp / max(n_tokens, 1.0), vis / n_samples, att / n_samples
+            ntp, vis, att = ntp / max(n_tokens, 1.0), vis / n_images, att / n_images
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": ntp + config.alpha * vis + config.beta * att, "ntp": ntp,
                       "vis": vis, "att": att, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),

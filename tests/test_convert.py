@@ -57,7 +57,7 @@ def _prompt_and_pixels(student, root):
     record = Record(id="q1", images=("scan.png",), turns=(("What is shown?", "A lung."),), task="vqa")
     item = DistillDataset([record], root, student.processor, student.num_visual_tokens, 1024, None,
                           pad_to_square=student.pad_to_square)[0]
-    return item["input_ids"][:item["query_rows"][1]], item["pixel_values"]
+    return item["input_ids"][:item["query_rows"][1]], item["pixel_values"][0]   # its one image
 
 
 def _collapse(ids, image_token_id):

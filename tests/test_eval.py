@@ -19,7 +19,7 @@ from PIL import Image
 from distill import metrics as M
 from distill.cli import main as distill_cli
 from distill.config import RunConfig
-from distill.evaluate import decode, generate_batch, left_pad_collate, load_for_eval, prompt_dataset
+from distill.inference import decode, generate_batch, left_pad_collate, load_medalign
 from distill.train import train
 from precompute.build import BuildConfig, build_cache
 from precompute.datasets import load_records
@@ -317,12 +317,12 @@ def test_generation_equals_full_forward_argmax(runs):
     """Batched, left-padded generation with the KV cache and the alignment transform gives,
     token by token, the argmax of a full forward of each prompt alone (no padding, no cache,
     the transform applied to the visual tokens)."""
-    em = load_for_eval(runs["runs"]["both"])
+    em = load_medalign(runs["runs"]["both"])
     assert em.tap is not None and em.kind == "trained"
     s = em.student
     records = load_records(runs["test"], runs["root"])
     records = [records[0], records[2], records[4]]          # three different prompt lengths
-    ds = prompt_dataset(em, records, runs["root"])
+    ds = em.dataset(records, runs["root"])
     items = [ds[i] for i in range(len(records))]
     pad = s.processor.tokenizer.pad_token_id
     batch = left_pad_collate(pad, s.image_token_id, s.num_visual_tokens)(items)
@@ -340,7 +340,7 @@ def test_generation_equals_full_forward_argmax(runs):
             query[0, lo:hi] = True
             em.tap.set_batch(visual, query)
             logits = s.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             pixel_values=it["pixel_values"][None]).logits[0, -1]
+                             pixel_values=it["pixel_values"]).logits[0, -1]
             token = int(logits.argmax())
             assert int(new[b, t]) == token, (b, t)
             if token == eos:
@@ -353,9 +353,9 @@ def test_generation_equals_full_forward_argmax(runs):
     prompt = torch.tensor(it["input_ids"][:lengths[0]])[None]
     visual = (prompt[0] == s.image_token_id).nonzero()[:, 0][None]
     em.tap.set_batch(visual, torch.zeros_like(prompt, dtype=torch.bool))
-    aligned = s.model(input_ids=prompt, pixel_values=it["pixel_values"][None]).logits[0, -1]
+    aligned = s.model(input_ids=prompt, pixel_values=it["pixel_values"]).logits[0, -1]
     em.tap.remove()
-    plain = s.model(input_ids=prompt, pixel_values=it["pixel_values"][None]).logits[0, -1]
+    plain = s.model(input_ids=prompt, pixel_values=it["pixel_values"]).logits[0, -1]
     assert not torch.allclose(plain, aligned, atol=1e-4)
 
 
@@ -449,7 +449,7 @@ def test_eval_checks_images_before_loading_the_model(broken, tmp_path):
 
 
 def test_collate_turns_broken_items_into_errors():
-    item = {"input_ids": [5, 9, 9, 7, 8], "labels": [], "query_rows": (3, 5), "pixel_values": torch.zeros(3, 4, 4),
+    item = {"input_ids": [5, 9, 9, 7, 8], "labels": [], "query_rows": (3, 5), "pixel_values": torch.zeros(1, 3, 4, 4),
             "index": 0}
     collate = left_pad_collate(0, 9, 2)
     batch = collate([item, {"index": 1, "id": "b", "key": "b.png", "error": "b.png: empty file"},

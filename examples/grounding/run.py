@@ -44,7 +44,8 @@ import data as D  # noqa: E402
 import teacher as T  # noqa: E402
 from distill.config import RunConfig  # noqa: E402
 from distill.data import DistillDataset, make_collate  # noqa: E402
-from distill.evaluate import evaluate, headline, load_for_eval  # noqa: E402
+from distill.evaluate import evaluate, headline  # noqa: E402
+from distill.inference import load_medalign  # noqa: E402
 from distill.losses import cosine_similarity_matrix  # noqa: E402
 from distill.metrics import normalize_answer  # noqa: E402
 from distill.student import AlignmentTransform, DistillTap  # noqa: E402
@@ -77,7 +78,7 @@ def measure_run(em, test_json: Path, image_root: Path, group, masks: dict) -> di
     """Grounding and similarity-structure error of a trained run on the test split.
 
     `em`: the run as `medalign-distill eval` loads it (base + adapter + its own alignment
-    transform, `load_for_eval`); its tap is replaced: a DistillTap then captures the prompt->visual attention at layer l
+    transform, `load_medalign`); its tap is replaced: a DistillTap then captures the prompt->visual attention at layer l
     and the visual hidden states at layer l-1 (the run's transform, or an identity one for
     runs without it: W = 0, so the states are exactly the layer's output)."""
     transform = em.tap.transform if em.tap is not None else None
@@ -156,7 +157,7 @@ def student_run(task: dict) -> dict:
                        seed=seed, save_every=10**6, log_every=10**6)
     train(config, progress=False)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    em = load_for_eval(run, device="cpu")  # loaded once: answers, then attention and features
+    em = load_medalign(run, device="cpu")  # loaded once: answers, then attention and features
     dest = evaluate(ds["test"], ds["image_root"], run=run, batch_size=32, max_new_tokens=24, meteor=False,
                     progress=False, device="cpu", model=em)
     h = headline(json.loads((dest / "metrics.json").read_text()))
@@ -270,6 +271,8 @@ def main(argv=None) -> dict:
                    help="student runs side by side, in worker processes [cores // threads]")
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    p.add_argument("--prepare-only", action="store_true",
+                   help="stop after data, teacher and cache (examples/quickstart.sh trains with the CLI)")
     args = p.parse_args(argv)
     S = dict(FAST if args.fast else FULL)
     if args.seeds is not None:
@@ -302,6 +305,10 @@ def main(argv=None) -> dict:
     log(f"  cache: {report.computed} images; teacher CLS attention in lesion mask {tg['inside']:.3f} "
         f"vs area share {tg['chance']:.3f} ({tg['ratio']:.1f}x chance)")
 
+    if args.prepare_only:
+        log(f"prepared {out}: data/ (train.json, test.json, images/, masks.npz), teacher.pt, cache/ "
+            f"({timings['teacher_and_cache_s']:.0f} s)")
+        return {"teacher": tinfo, "teacher_grounding": tg, "timings": timings}
     configs = {c: CONFIGS[c] for c in args.configs.split(",")}
     log(f"[3/4] student: {len(configs)} configs x {S['seeds']} seed(s), {S['student_steps']} steps each, layer {LAYER}")
     results = {"configs": {c: [] for c in configs}}
