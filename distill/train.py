@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from precompute.cache import default_group_name, open_cache
+from precompute.h5cache import is_h5_cache
 from precompute.datasets import load_records
 from precompute.targets import RECIPE, bilinear_matrix, resize_attention, resize_similarity, unpack_upper
 
@@ -191,7 +192,9 @@ def _check_complete(config: RunConfig, records, group) -> None:
     raise RunError(
         f"{len(missing)} of {len(keys)} training images have no finished target in cache group "
         f"{group.name!r} ({group.path}):\n  {shown}{' ...' if len(missing) > 10 else ''}\n{failed_note}"
-        f"Run `{rebuild_command(config, group)}` (it resumes: only what is missing is computed).")
+        f"Run `{rebuild_command(config, group)}` (it resumes: only what is missing is computed)"
+        + (f", then `medalign-cache export --cache {Path(config.cache).with_suffix('')} --teacher {group.name} "
+           f"--to NEW.h5` (an exported .h5 cache is read-only)." if is_h5_cache(config.cache) else "."))
 
 
 def _check_recipe(group) -> None:
@@ -266,9 +269,13 @@ def _teacher_args(group, group_name: str | None = None) -> list[str]:
 def rebuild_command(config: RunConfig, group, pad: bool | None = None, group_name: str | None = None) -> str:
     """The `medalign-cache build` command that completes this run's targets, from the
     cache's own record of how the group was built (`pad`, `group_name`: build them with
-    that geometry into that group instead)."""
+    that geometry into that group instead). An exported .h5 cache is read-only: the
+    command then builds into a Zarr cache beside it, to export again."""
+    cache = config.cache
+    if is_h5_cache(cache):
+        cache = Path(cache).with_suffix("")
     parts = ["medalign-cache build", *_teacher_args(group, group_name),
-             f"--data {config.data}", f"--image-root {config.image_root}", f"--cache {config.cache}"]
+             f"--data {config.data}", f"--image-root {config.image_root}", f"--cache {cache}"]
     if config.format != "auto":
         parts.append(f"--format {config.format}")
     if config.split:

@@ -197,3 +197,22 @@ def test_converted_students_train_evaluate_and_draw(converted, name, tmp_path):
     r = invoke(distill_cli, "pictures", "--run", out, *common, "--n", 2, "--tsne-n", 4, "--out", out / "pictures")
     assert r.exit_code == 0, r.output
     assert (out / "pictures" / "attention.png").is_file()
+
+
+def test_llava_llama_converts_too(tmp_path, clip, scan):
+    """LLaVA v1.5's own layout (model_type llava_llama, LlamaForCausalLM weights): the same path."""
+    import sentencepiece as spm
+
+    src = O.write_llava_med(tmp_path / "llava-llama", model_type="llava_llama",
+                            architectures=["LlavaLlamaForCausalLM"])
+    convert(src, tmp_path / "hf", vision_tower=clip, progress=False)
+    student = load_student(str(tmp_path / "hf"))
+    prompt, pixels = _prompt_and_pixels(student, scan)
+    sp = spm.SentencePieceProcessor(model_file=str(O.mistral_sentencepiece()))
+    before, after = f"{VICUNA} USER: <image>\nWhat is shown? ASSISTANT:".split("<image>")
+    chunks = [[1] + sp.encode(before), sp.encode(after)]
+    reference = O.original_logits(src, O.clip_folder_tower(clip), pixels, chunks)
+    with torch.no_grad():
+        logits = student.model(input_ids=torch.tensor([prompt]), pixel_values=pixels[None]).logits[0]
+    assert type(student.model.model.language_model).__name__ == "LlamaModel"
+    torch.testing.assert_close(logits[:, :32000], reference, rtol=1e-5, atol=1e-5)

@@ -473,3 +473,18 @@ def test_a_url_cache_trains_like_the_local_one(data, tmp_path, memory_url):
     for a, b in zip(metrics(local), metrics(remote), strict=True):
         for term in ("ntp", "vis", "att"):
             assert a[term] == pytest.approx(b[term], rel=1e-6, abs=1e-9), term
+
+
+def test_rebuild_command_for_an_exported_h5_cache_builds_a_zarr_cache(tmp_path):
+    """An .h5 cache is read-only: the command that completes its targets builds into the
+    Zarr folder beside it (to export again), never into the .h5 file."""
+    from types import SimpleNamespace
+
+    from distill.train import rebuild_command
+    group = SimpleNamespace(name="tiny", metadata={"teacher": "tiny", "random_init": True, "seed": 0,
+                                                   "preprocessing": {"pad_to_square": True}})
+    config = config_for({"train": tmp_path / "t.json", "root": tmp_path, "cache": tmp_path / "cache.h5"},
+                        tmp_path / "r")
+    command = rebuild_command(config, group)
+    assert f"--cache {tmp_path / 'cache'} " in command + " " and ".h5" not in command
+    assert command.endswith("--pad-to-square")
