@@ -429,20 +429,21 @@ def convert(model: Path, out: Path, vision_tower: Path | None = None, chat_templ
 def describe(record: dict) -> list[str]:
     """What a user should know about a conversion, one line each."""
     tower = record["vision_tower"]
-    lines = [f"chat template: {record['chat_template']} (as MedAlign trains this student); images: "
-             f"{'padded to square with the CLIP mean colour' if record['image_aspect_ratio'] == 'pad' else 'resized and centre-cropped'}",
+    from_clip = tower["weights_from"] == "clip_folder"
+    images = ("padded to square with the CLIP mean colour" if record["image_aspect_ratio"] == "pad"
+              else "resized and centre-cropped")
+    lines = [f"chat template: {record['chat_template']} (as MedAlign trains this student); images: {images}",
              f"image token {record['image_token']!r} = id {record['image_token_id']} (original vocabulary "
              f"{record['original_vocab_size']}, embeddings {record['vocab_size']})",
-             f"vision tower weights: {'the CLIP folder ' + tower['clip_folder'] if tower['weights_from'] == 'clip_folder' else 'the checkpoint own copy'}"]
+             f"vision tower weights: {'the CLIP folder ' + tower['clip_folder'] if from_clip else 'the checkpoint own copy'}"]
     cmp = tower.get("checkpoint_copy_vs_clip_folder")
     if isinstance(cmp, dict):
         if cmp["identical"]:
             lines.append("the checkpoint's tower copy and the CLIP folder's tower are identical")
         else:
             lines.append(f"note: the checkpoint's tower copy differs from the CLIP folder's ({cmp['differing']} of "
-                         f"{cmp['tensors']} tensors differ, max |diff| {cmp['max_abs_diff']:.3g}); "
-                         f"using {'the CLIP folder' if tower['weights_from'] == 'clip_folder' else 'the checkpoint copy'}"
-                         f" as the original code does")
+                         f"{cmp['tensors']} tensors differ, max |diff| {cmp['max_abs_diff']:.3g}); using "
+                         f"{'the CLIP folder' if from_clip else 'the checkpoint copy'} as the original code does")
     elif cmp:
         lines.append(f"note: {cmp}")
     return lines

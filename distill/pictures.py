@@ -277,22 +277,30 @@ def _boxes(fig, axes) -> dict[tuple[int, int], tuple[int, int, int, int]]:
     return out
 
 
-def attention_figure(out: Path, rows: list[dict], grid: int, header: str) -> dict:
-    """Writes the PNG; returns the panel boxes (see `_boxes`)."""
+def _panels(rows: int, cols: int, header: str):
+    """(pyplot, figure, axes [rows, cols]) of PANEL-sized panels under a header."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(rows)
-    fig, axes = plt.subplots(n, 4, figsize=(4 * PANEL + 0.8, n * PANEL + TITLE_H), dpi=DPI, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL + 0.8, rows * PANEL + TITLE_H), dpi=DPI,
+                             squeeze=False, layout="constrained")
     fig.suptitle(header, fontsize=9)
+    return plt, fig, axes
+
+
+def _picture(ax, picture, title: str, fontsize: int = 8) -> None:
+    ax.imshow(picture)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=fontsize)
+
+
+def attention_figure(out: Path, rows: list[dict], grid: int, header: str) -> dict:
+    """Writes the PNG; returns the panel boxes (see `_boxes`)."""
+    plt, fig, axes = _panels(len(rows), 4, header)
     for r, row in enumerate(rows):
-        ax = axes[r, 0]
-        ax.imshow(row["picture"])
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"{row['key']}\n{row['question'][:40]}", fontsize=8)
+        _picture(axes[r, 0], row["picture"], f"{row['key']}\n{row['question'][:40]}")
         _heat(axes[r, 1], row["picture"], row["teacher"], grid, "teacher a_t (target)")
         _heat(axes[r, 2], row["picture"], row["before"] / row["before"].max(), grid,
               f"student before, layer {row['layer']}\ncos to teacher {row['cos_before']:.3f}")
@@ -307,20 +315,9 @@ def attention_figure(out: Path, rows: list[dict], grid: int, header: str) -> dic
 def answer_figure(out: Path, rows: list[dict], grid: int, header: str) -> None:
     """predict's picture: per image, the image (titled with question and answer), the
     teacher's target where the cache holds it, the student's attention at the run's layer."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(rows)
-    fig, axes = plt.subplots(n, 3, figsize=(3 * PANEL + 0.8, n * PANEL + TITLE_H), dpi=DPI, squeeze=False,
-                             layout="constrained")
-    fig.suptitle(header, fontsize=9)
+    plt, fig, axes = _panels(len(rows), 3, header)
     for r, row in enumerate(rows):
-        ax = axes[r, 0]
-        ax.imshow(row["picture"])
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"{row['key']}\nQ: {row['question'][:40]}\nA: {row['answer'][:40]}", fontsize=7)
+        _picture(axes[r, 0], row["picture"], f"{row['key']}\nQ: {row['question'][:40]}\nA: {row['answer'][:40]}", 7)
         if row["teacher"] is not None:
             _heat(axes[r, 1], row["picture"], row["teacher"], grid, "teacher a_t (cache)")
         else:
@@ -510,5 +507,5 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
                                      ("teacher", "before", "after")})
 
 
-__all__ = ["PicturesError", "PicturesResult", "answer_figure", "attention_figure", "embed_2d", "image_labels", "knn_agreement",
-           "make_pictures", "student_pass", "tsne_figure"]
+__all__ = ["PicturesError", "PicturesResult", "answer_figure", "attention_figure", "embed_2d", "image_labels",
+           "knn_agreement", "make_pictures", "student_pass", "tsne_figure"]

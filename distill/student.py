@@ -212,7 +212,8 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
         if chat_template not in CHAT_TEMPLATES:
             raise StudentError(f"unknown chat template {chat_template!r}; choose one of {sorted(CHAT_TEMPLATES)}")
         processor.chat_template = CHAT_TEMPLATES[chat_template]
-    if getattr(processor.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
+    if getattr(processor.tokenizer, "chat_template", None) is None and \
+            getattr(processor, "chat_template", None) is None:
         raise StudentError(f"student {str(path)!r} has no chat template (chat_template.jinja or in "
                            f"tokenizer_config.json); pass --chat-template "
                            f"{' or '.join(sorted(CHAT_TEMPLATES))} (LLaVA-Med v1.5 as MedAlign trains it: vicuna_v1)")
