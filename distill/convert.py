@@ -435,7 +435,8 @@ def describe(record: dict) -> list[str]:
     lines = [f"chat template: {record['chat_template']} (as MedAlign trains this student); images: {images}",
              f"image token {record['image_token']!r} = id {record['image_token_id']} (original vocabulary "
              f"{record['original_vocab_size']}, embeddings {record['vocab_size']})",
-             f"vision tower weights: {'the CLIP folder ' + tower['clip_folder'] if from_clip else 'the checkpoint own copy'}"]
+             "vision tower weights: " + (f"the CLIP folder {tower['clip_folder']}" if from_clip
+                                         else "the checkpoint's own copy")]
     cmp = tower.get("checkpoint_copy_vs_clip_folder")
     if isinstance(cmp, dict):
         if cmp["identical"]:
