@@ -119,7 +119,12 @@ def run(config_file, quiet, **flags):
             settings.setdefault("teacher", "")
         if required:
             raise click.UsageError("missing " + ", ".join("--" + k.replace("_", "-") for k in required))
-        config = RunConfig.from_dict(settings)
+        try:
+            config = RunConfig.from_dict(settings)
+        except ValueError as e:
+            if config_file is None:
+                raise
+            raise ValueError(f"{config_file} (with the flags given): {e}") from None
         with _quiet_libraries(quiet):
             out = train(config, progress=not quiet).out
     except (RunError, *USER_ERRORS) as e:

@@ -12,6 +12,7 @@ learned), what the distillation losses need and the reference hard-codes:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,6 +104,29 @@ def encode(processor, record: Record, num_visual_tokens: int, max_length: int) -
     return Encoded(input_ids, labels, query_rows)
 
 
+def text_limit(tokenizer, max_length: int) -> int:
+    """The most characters `max_length` tokens can hold: max_length times the vocabulary's
+    longest token (its string is at least as long as the text it stands for). A field
+    longer than this cannot fit whatever the tokenizer makes of it."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return max_length * max(longest, 1)
+
+
+def bound_text(record: Record, max_chars: int) -> Record:
+    """The record as `encode` may see it, decided by characters BEFORE tokenisation (a
+    200 MB line would otherwise be tokenised whole first): a first question longer than
+    max_chars (`text_limit`) is refused, since the prompt must fit; any other field is
+    cut to max_chars, which keeps every token `encode`'s truncation of the answer's end
+    keeps (they all lie within the first max_chars characters of each field)."""
+    if record.turns and len(record.turns[0][0]) > max_chars:
+        raise SampleError(f"record {record.id!r}: its question has {len(record.turns[0][0]):,} characters, more than "
+                          f"the {max_chars:,} that max_length tokens can hold; shorten or drop it, or raise "
+                          f"--max-length")
+    if all(len(h) <= max_chars and len(a) <= max_chars for h, a in record.turns):
+        return record
+    return dataclasses.replace(record, turns=tuple((h[:max_chars], a[:max_chars]) for h, a in record.turns))
+
+
 def read_targets(group: TeacherGroup, key: str, need_sim: bool = True, need_attn: bool = True) -> dict:
     """The stored targets of `key` that the run's losses use, and only those: without
     L_vis the packed similarity (P(P-1)/2 fp16 values, ~P/4 times the size of the
@@ -124,9 +148,11 @@ class DistillDataset(Dataset):
 
     def __init__(self, records: list[Record], image_root, processor, num_visual_tokens: int,
                  max_length: int, group: TeacherGroup | None, pad_to_square: bool, *,
-                 need_sim: bool = True, need_attn: bool = True):
+                 need_sim: bool = True, need_attn: bool = True, max_chars: int | None = None):
         self.records, self.image_root, self.processor = records, image_root, processor
         self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
+        # what a text field may hold before tokenisation (bound_text); default: what max_length tokens can
+        self.max_chars = text_limit(processor.tokenizer, max_length) if max_chars is None else max_chars
         self.group, self.pad_to_square = group, pad_to_square
         self.need_sim, self.need_attn = need_sim, need_attn
         mean = getattr(processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
@@ -145,7 +171,7 @@ class DistillDataset(Dataset):
             return {"index": i, "id": record.id, "key": record.images[0], "error": str(e)}
 
     def _item(self, i):
-        record = self.records[i]
+        record = bound_text(self.records[i], self.max_chars)  # first: nothing huge reaches the tokenizer
         key = record.images[0]
         image = load_image(resolve_image(self.image_root, key))
         if self.pad_to_square:

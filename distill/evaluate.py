@@ -55,9 +55,9 @@ from tqdm import tqdm
 from precompute.datasets import Record, load_records, resolve_image
 
 from . import metrics as M
-from .data import DistillDataset, split_errors
-from .student import (DistillTap, Student, StudentError, load_adapter, load_alignment, load_student,
-                      make_tiny_student)
+from .data import DistillDataset, split_errors, text_limit
+from .rundir import ensure_tiny_student, require_finished
+from .student import DistillTap, Student, StudentError, load_adapter, load_alignment, load_student
 
 log = logging.getLogger("medalign.eval")
 
@@ -111,10 +111,7 @@ def _run_pad_to_square(run: Path, config: dict) -> bool:
 
 def _student_dir(student: str, home: Path, seed: int = 0) -> Path:
     if student == "tiny":
-        path = Path(home) / "tiny-student"
-        if not (path / "config.json").exists():
-            make_tiny_student(path, seed=seed)
-        return path
+        return ensure_tiny_student(Path(home) / "tiny-student", seed=seed)
     return Path(student).expanduser()
 
 
@@ -129,6 +126,8 @@ def load_for_eval(run=None, *, student: str | None = None, base_only: bool = Fal
     if run is not None:
         run = Path(run)
         config = read_run_config(run)
+        if not base_only:  # the base needs nothing of the run but its config
+            require_finished(run, "evaluate it")
         if student is not None and student != config["student"]:
             raise EvalError(f"--student {student!r} differs from the run's student {config['student']!r}; "
                             f"a run is evaluated on the base it was trained from")
@@ -152,9 +151,6 @@ def load_for_eval(run=None, *, student: str | None = None, base_only: bool = Fal
     else:
         kind = "trained"
         adapter = run / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise EvalError(f"{run} has no final adapter ({adapter}); the run has not finished: resume it, "
-                            f"or evaluate its base with --base-only")
         loaded.model = load_adapter(loaded.model, adapter)
         info["adapter"] = str(adapter)
         info["alignment"] = None
@@ -218,8 +214,12 @@ def _left_pad(items, pad_id: int, image_token_id: int, num_visual_tokens: int) -
 
 def prompt_dataset(em: EvalModel, records, image_root) -> DistillDataset:
     s = em.student
-    # No truncation: an answer longer than any limit still leaves the prompt whole.
-    return DistillDataset(records, image_root, s.processor, s.num_visual_tokens, 1 << 30, None, em.pad_to_square)
+    # No truncation: an answer longer than any limit still leaves the prompt whole. But a
+    # prompt longer than the model's context cannot be generated from: such text is
+    # refused (answers cut) by characters, before it is tokenised (data.bound_text).
+    context = getattr(s.model.config.get_text_config(), "max_position_embeddings", None) or 32768
+    return DistillDataset(records, image_root, s.processor, s.num_visual_tokens, 1 << 30, None, em.pad_to_square,
+                          max_chars=text_limit(s.processor.tokenizer, context))
 
 
 @torch.no_grad()

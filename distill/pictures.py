@@ -1,6 +1,7 @@
-"""Pictures of a finished (or interrupted) run: what the student looks at before and
-after distillation, how the losses went, and how the images' features cluster
-(the paper's Figure 1).
+"""Pictures of a finished run: what the student looks at before and after
+distillation, how the losses went, and how the images' features cluster (the
+paper's Figure 1). Like eval, it refuses a run without RUN/finished.json (an
+interrupted one: its checkpoints are a resume's starting point, not a result).
 
     medalign-distill pictures --run runs/unimed-l20 --data test.json --image-root images/ --out pics/
 
@@ -65,8 +66,8 @@ from precompute.datasets import Record, load_records
 
 from .config import RunConfig
 from .data import DistillDataset, make_collate
-from .student import (AlignmentTransform, DistillTap, StudentError, load_adapter, load_alignment,
-                      load_student, make_tiny_student)
+from .rundir import ensure_tiny_student, require_finished
+from .student import AlignmentTransform, DistillTap, StudentError, load_adapter, load_alignment, load_student
 
 log = logging.getLogger("medalign.distill")
 
@@ -106,17 +107,11 @@ def _run_config(run: Path, cache) -> RunConfig:
 
 
 def _trained_parts(run: Path) -> tuple[Path, Path | None, str]:
-    """(adapter dir, alignment dir or None, where from): the final ones, else the latest checkpoint."""
+    """(adapter dir, alignment dir or None, where from) of a finished run."""
     run = Path(run)
-    if (run / "adapter" / "adapter_config.json").is_file():
-        base, where = run, "final adapter"
-    else:
-        done = sorted((run / "checkpoints").glob("step-???????"))
-        if not done:
-            raise PicturesError(f"run {run} has no adapter/ and no checkpoint yet: nothing trained to show")
-        base, where = done[-1], f"checkpoint {done[-1].name} (the run has no final adapter)"
-    alignment = base / "alignment"
-    return base / "adapter", (alignment if (alignment / "alignment_config.json").is_file() else None), where
+    require_finished(run, "draw its pictures")
+    alignment = run / "alignment"
+    return run / "adapter", (alignment if (alignment / "alignment_config.json").is_file() else None), "final adapter"
 
 
 def _raw_rows(path: Path, split: str | None) -> list[dict]:
@@ -383,8 +378,8 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and dev.type == "cuda")
     student_path = Path(config.student) if config.student != "tiny" else run / "tiny-student"
-    if config.student == "tiny" and not (student_path / "config.json").is_file():
-        make_tiny_student(student_path, seed=config.seed)
+    if config.student == "tiny":
+        ensure_tiny_student(student_path, seed=config.seed)
     student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32, device=str(dev),
                            chat_template=config.chat_template)
     if student.num_layers <= config.layer:
