@@ -292,7 +292,7 @@ def rebuild_command(config: RunConfig, group) -> str:
 def verify_command(config: RunConfig, group) -> str:
     """The `medalign-cache verify` command that spot-checks this run's targets against the images."""
     return " ".join(["medalign-cache verify", f"--cache {config.cache}", *_teacher_args(group),
-                     f"--image-root {config.image_root}"])
+                     f"--image-root {config.image_root}", "--samples 8"])
 
 
 # ----------------------------------------------------------------------------- batches

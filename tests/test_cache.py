@@ -719,6 +719,9 @@ def test_caches_written_before_checksums_still_read(tmp_path, monkeypatch):
     for i, key in enumerate(keys):
         s, a = group.native_packed(key)
         assert np.array_equal(s, sim[i]) and np.array_equal(a, attn[i])
+    r = CliRunner().invoke(cache_cli, ["verify", "--cache", str(tmp_path / "old")], catch_exceptions=False)
+    assert r.exit_code == 0 and r.output.endswith("ok\n"), r.output
+    assert "note: similarity, attention of group unimed-b16 have no chunk checksums" in r.output
     shard, offset, nbytes = chunk_span(tmp_path / "old", "similarity", 2)
     data = bytearray(shard.read_bytes())
     data[offset + 16:offset + nbytes] = b"\xff" * (nbytes - 16)     # the frame's body garbled, header kept
