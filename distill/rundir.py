@@ -83,7 +83,10 @@ def require_finished(run: Path, doing: str) -> dict:
     run = Path(run)
     marker = run / FINISHED
     if marker.is_file():
-        return json.loads(marker.read_text())
+        try:
+            return json.loads(marker.read_text())
+        except ValueError:  # written whole by a rename: only ever damaged from outside
+            raise RunDirError(f"{marker} is not valid JSON; delete it and finish the run with --resume") from None
     if not (run / "config.json").is_file():
         raise RunDirError(f"{run} is not a run directory (no config.json); pass the --out of a `medalign-distill run`")
     done = sorted((run / "checkpoints").glob("step-???????"))

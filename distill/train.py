@@ -441,16 +441,16 @@ def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler, dist: Di
 def train(config: RunConfig, progress: bool = True) -> TrainResult:
     device = _device(config)
     dist = init_distributed(device)
-    # One writer per run directory, locked before anything is written; rank 0 holds it
-    # for the job (the other ranks write only their RNG state into rank 0's checkpoints).
-    with run_lock(config.out) if dist.main else contextlib.nullcontext():
-        try:
+    try:
+        # One writer per run directory, locked before anything is written; rank 0 holds it
+        # for the job (the other ranks write only their RNG state into rank 0's checkpoints).
+        with run_lock(config.out) if dist.main else contextlib.nullcontext():
             return _train(config, device, dist, progress and dist.main)
-        except OSError as e:
-            if e.errno not in DISK_FULL:
-                raise
-            log.error("%s", os_error_line(e))
-            raise RunError(f"{os_error_line(e)}, then rerun the same command with --resume") from e
+    except OSError as e:  # a full disk outside the training loop (which says where it stopped)
+        if e.errno not in DISK_FULL:
+            raise
+        log.error("%s", os_error_line(e))
+        raise RunError(f"{os_error_line(e)}, then rerun the same command with --resume") from e
 
 
 def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) -> TrainResult:

@@ -950,12 +950,11 @@ class _RowReader:
                 fd, index = self._fd(shard)
                 offset, nbytes = index[local]
                 if offset == MAX_UINT64:
-                    raise CacheError(f"{key!r}: row {row} is marked done but {self.path} has no data for it; "
-                                     f"rebuild this cache group")
+                    raise self._damaged(key, row, shard, "is not there (its status says done, the shard's index "
+                                                         "has no entry)")
                 buf = self._pread(fd, nbytes, offset)
         except FileNotFoundError:
-            raise CacheError(f"{key!r}: shard file {self._shard_file(shard)} is missing; rebuild this cache "
-                             f"group") from None
+            raise self._damaged(key, row, shard, "is missing (no such file)") from None
         out = np.empty(self.width, dtype=self.dtype)
         if len(buf) != nbytes:
             raise self._damaged(key, row, shard, f"is truncated ({len(buf)} of {nbytes} bytes)")

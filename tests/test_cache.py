@@ -754,3 +754,12 @@ def test_a_deleted_keys_chunk_is_an_error_not_an_empty_group(built):
     for args in ([], ["--teacher", "unimed"]):
         r = CliRunner().invoke(cache_cli, ["verify", "--cache", str(cache), *args], catch_exceptions=False)
         assert r.exit_code == 1 and "have no key" in r.output and "0/0" not in r.output and "ok" not in r.output
+
+
+def test_a_missing_shard_file_or_chunk_is_a_cache_error_naming_it(built):
+    cache, keys, _, _ = built
+    shard = cache / "unimed-b16" / "attention" / "c" / "1" / "0"
+    shard.unlink()
+    with pytest.raises(CacheError, match=rf"group 'unimed-b16': the stored attention of '{keys[5]}' \(row 5\) in "
+                                         rf"{shard} is missing"):
+        open_cache(cache)["unimed-b16"].native_packed(keys[5])
