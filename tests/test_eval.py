@@ -480,7 +480,7 @@ def test_eval_and_pictures_refuse_a_run_killed_before_its_final_files(runs, tmp_
     assert not (out / "eval").exists() and not (tmp_path / "pics").exists()
 
     train(RunConfig(**config, resume=True), progress=False)
-    _eval("--run", out, "--data", test, "--image-root", root)
+    _eval("--run", out, "--data", test, "--image-root", root, "--limit", 2, "--no-meteor")
     metrics = json.loads((out / "eval" / "test" / "metrics.json").read_text())
     assert metrics["model"]["alignment"]["path"] == str(out / "alignment")
 
