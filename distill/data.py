@@ -120,8 +120,8 @@ def bound_text(record: Record, max_chars: int) -> Record:
     keeps (they all lie within the first max_chars characters of each field)."""
     if record.turns and len(record.turns[0][0]) > max_chars:
         raise SampleError(f"record {record.id!r}: its question has {len(record.turns[0][0]):,} characters, more than "
-                          f"the {max_chars:,} that max_length tokens can hold; shorten or drop it, or raise "
-                          f"--max-length")
+                          f"the {max_chars:,} that fit in the student's token limit (--max-length in training, the "
+                          f"model's context in eval); shorten or drop the record")
     if all(len(h) <= max_chars and len(a) <= max_chars for h, a in record.turns):
         return record
     return dataclasses.replace(record, turns=tuple((h[:max_chars], a[:max_chars]) for h, a in record.turns))

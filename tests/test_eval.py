@@ -486,10 +486,12 @@ def test_eval_and_pictures_refuse_a_run_killed_before_its_final_files(runs, tmp_
 
 
 def test_eval_refuses_a_prompt_longer_than_the_context_before_tokenising(tmp_path):
+    from distill.data import text_limit
     from precompute.datasets import Record
     em = load_for_eval(student="tiny", home=tmp_path)
     Image.new("L", (64, 64)).save(tmp_path / "x.png")
     huge = Record("huge", ("x.png",), (("why? " * 200_000, "yes"),), "vqa")        # 1 MB of question
     item = prompt_dataset(em, [huge], tmp_path)[0]
     assert "record 'huge': its question has 1,000,000 characters" in item["error"]
-    assert "more than the" in item["error"] and "that max_length tokens can hold" in item["error"]
+    context = em.student.model.config.get_text_config().max_position_embeddings
+    assert f"more than the {text_limit(em.student.processor.tokenizer, context):,} that fit" in item["error"]
