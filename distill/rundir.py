@@ -89,11 +89,18 @@ def require_finished(run: Path, doing: str) -> dict:
             raise RunDirError(f"{marker} is not valid JSON; delete it and finish the run with --resume") from None
     if not (run / "config.json").is_file():
         raise RunDirError(f"{run} is not a run directory (no config.json); pass the --out of a `medalign-distill run`")
+    try:
+        alpha = float(json.loads((run / "config.json").read_text()).get("alpha", 1.0))
+    except (ValueError, TypeError, AttributeError):
+        alpha = 1.0
+    final = ["adapter"] + (["alignment"] if alpha > 0 else [])  # no transform without L_vis
+    absent = [f"{name}/" for name in final if not (run / name).is_dir()]
     done = sorted((run / "checkpoints").glob("step-???????"))
     progress = f"its last checkpoint is {done[-1].name}" if done else "it has no checkpoint yet"
-    raise RunDirError(f"run {run} has not finished ({marker.name} is missing: it is written last, after adapter/ and "
-                      f"alignment/; {progress}): finish it by rerunning the `medalign-distill run` command that "
-                      f"started it with --resume, then {doing}")
+    raise RunDirError(f"run {run} has not finished ({marker.name} is missing: it is written last, after "
+                      f"{' and '.join(f'{n}/' for n in final)}{'; missing too: ' + ', '.join(absent) if absent else ''}"
+                      f"; {progress}): finish it by rerunning the `medalign-distill run` command that started it with "
+                      f"--resume, then {doing}")
 
 
 def ensure_tiny_student(path: Path, seed: int = 0) -> Path:

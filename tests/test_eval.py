@@ -476,6 +476,7 @@ def test_eval_and_pictures_refuse_a_run_killed_before_its_final_files(runs, tmp_
         r = CliRunner().invoke(distill_cli, [*map(str, command), "--run", str(out)], catch_exceptions=False)
         assert r.exit_code == 1 and r.output.count("Error:") == 1 and "Traceback" not in r.output
         assert f"run {out} has not finished (finished.json is missing" in r.output
+        assert "after adapter/ and alignment/; missing too: alignment/;" in r.output
         assert "it has no checkpoint yet" in r.output and f"with --resume, then {doing}" in r.output
     assert not (out / "eval").exists() and not (tmp_path / "pics").exists()
 
