@@ -47,8 +47,9 @@ def run_lock(out: Path):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            raise RunDirError(f"another `medalign-distill run` is writing {out} (pid {holder}, lock {path}); wait for "
-                              f"it to finish or stop it (then --resume continues it), or choose another --out") from None
+            raise RunDirError(f"another `medalign-distill run` is writing {out} (pid {holder}, lock {path}); wait "
+                              f"for it to finish or stop it (then --resume continues it), or choose another --out"
+                              ) from None
         except OSError as e:
             if e.errno in _NO_LOCKS:
                 raise RunDirError(f"the file system holding {out} does not support file locks (flock: {e.strerror}), "

@@ -168,7 +168,8 @@ def _samples(ctx, param, value) -> int | None:
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="With --samples: teacher weights [default: the checkpoint the group was built from, or "
                    "random init].")
-@click.option("--random-init", is_flag=True, help="With --samples: the cache was built with --random-init (same --seed).")
+@click.option("--random-init", is_flag=True,
+              help="With --samples: the cache was built with --random-init (same --seed).")
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="With --samples: folder the keys are relative to [default: the one of the group's last build].")
 @click.option("--seed", type=int, default=None,
