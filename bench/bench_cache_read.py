@@ -7,22 +7,35 @@ a DataLoader worker does):
 
     memmap          raw numpy memmap of the same packed fp16 data + fp32 attention (baseline)
     zarr-python     zarr.open_array(...)[i] on the same store
-    native_packed   our reader (shard index parsed once, one pread + blosc decode a row)
+    native_packed   our reader (shard index parsed once, one pread + crc32c check + blosc decode a row)
+    no checksums    the same reader on a cache written without chunk checksums (the layout
+                    before they were added): the cost of checking every read
+    --against REF   also the reader of git ref REF (precompute/cache.py as it was there,
+                    loaded beside this one) on that checksum-less cache: e.g. the commit
+                    before checksums, to compare with the read rate before the change
     targets(24)     native_packed + unpack + exact resize to a 24x24 student grid
     HDF5            the same group exported to one file (`medalign-cache export`: one sample
                     per chunk, shuffle + gzip level 1 + fletcher32; and with --gzip-level 0),
                     read through open_cache's H5Group.native_packed
 
+The checked / unchecked / REF readers take turns: --rounds short rounds, each over a
+quarter of the keys, the readers in a rotating order. Their rates are per-round
+medians; a ratio is the median (and quartiles) of the per-round ratios of readers that
+ran milliseconds apart, so a neighbour's burst on a shared machine spoils a round, not
+the comparison.
+
 then the same random reads through a torch DataLoader with 2 worker processes (batches of
 16, steady state: a second pass over persistent workers) for memmap, Zarr and HDF5, and
-prints bytes per sample on disk (against the reference's 576x576 float32 matrix) and the
-error of the stored (fp16) + resized targets against the reference recipe in fp32.
+prints bytes per sample on disk against the reference's 576x576 float32 matrix, and
+the error of the stored (fp16) + resized targets against the reference recipe in fp32.
 
-    python bench/bench_cache_read.py [--n-b16 4000] [--n-l14 1500] [--workers 2]
+    python bench/bench_cache_read.py [--n-b16 4000] [--n-l14 1500] [--workers 2] [--rounds 80] [--against REF]
 """
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import shutil
 import sys
 import tempfile
@@ -36,6 +49,7 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import precompute.cache as cache_module  # noqa: E402
 from precompute.cache import GroupWriter, open_cache  # noqa: E402
 from precompute.h5cache import export_h5  # noqa: E402
 from precompute.targets import pack_upper, patch_similarity, reference_targets  # noqa: E402
@@ -110,7 +124,39 @@ def loader_rate(dataset, order, workers: int) -> float:
     return len(order) / seconds
 
 
-def bench(label: str, grid: int, n: int, unique: int, workdir: Path, workers: int, seed: int = 0) -> dict:
+
+
+def open_cache_at(ref: str, workdir: Path):
+    """`open_cache` of precompute/cache.py as it is at git ref `ref`, loaded beside this one."""
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "-C", str(root), "show", f"{ref}:precompute/cache.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = workdir / "cache_at_ref.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("precompute._cache_at_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "precompute"  # its `from .targets import ...` finds this package's
+    spec.loader.exec_module(module)
+    return module.open_cache
+
+
+def write_cache(cache: Path, keys, P: int, label: str, packed, attn, src, checksums: bool = True) -> float:
+    """Seconds GroupWriter takes to write every row (chunk checksums on, or the old layout)."""
+    cache_module.CHUNK_CHECKSUMS = checksums
+    try:
+        writer = GroupWriter.open(cache, "teacher", keys, P, {"teacher": label, "num_patches": P})
+    finally:
+        cache_module.CHUNK_CHECKSUMS = True
+    t0 = time.perf_counter()
+    with writer.lock():
+        for lo in range(0, len(keys), writer.shard_size):
+            rows = np.arange(lo, min(lo + writer.shard_size, len(keys)))
+            writer.write_rows(rows, packed[src[rows]], attn[src[rows]], {})
+    return time.perf_counter() - t0
+
+
+def bench(label: str, grid: int, n: int, unique: int, workdir: Path, workers: int = 2, seed: int = 0,
+          rounds: int = 80, against: str | None = None) -> dict:
     P = grid * grid
     gen = torch.Generator().manual_seed(seed)
     tokens, attn = teacher_like(unique, grid, 256, gen)
@@ -122,13 +168,9 @@ def bench(label: str, grid: int, n: int, unique: int, workdir: Path, workers: in
     src = np.arange(n) % unique
 
     cache = workdir / f"cache_{label}"
-    writer = GroupWriter.open(cache, "teacher", keys, P, {"teacher": label, "num_patches": P})
-    t0 = time.perf_counter()
-    with writer.lock():
-        for lo in range(0, n, writer.shard_size):
-            rows = np.arange(lo, min(lo + writer.shard_size, n))
-            writer.write_rows(rows, packed[src[rows]], attn[src[rows]], {})
-    write_s = time.perf_counter() - t0
+    write_s = write_cache(cache, keys, P, label, packed, attn, src)
+    legacy_cache = workdir / f"cache_{label}_no_checksums"
+    write_cache(legacy_cache, keys, P, label, packed, attn, src, checksums=False)
 
     mm_sim = np.lib.format.open_memmap(workdir / f"{label}_sim.npy", "w+", np.float16, (n, packed.shape[1]))
     mm_att = np.lib.format.open_memmap(workdir / f"{label}_att.npy", "w+", np.float32, (n, P))
@@ -146,6 +188,8 @@ def bench(label: str, grid: int, n: int, unique: int, workdir: Path, workers: in
     h5_plain = open_cache(workdir / f"{label}_plain.h5")["teacher"]
 
     group = open_cache(cache)["teacher"]
+    legacy = open_cache(legacy_cache)["teacher"]
+    assert not group.unchecked_arrays and legacy.unchecked_arrays == ["similarity", "attention"]
     z_sim = zarr.open_array(str(cache / "teacher" / "similarity"), mode="r")
     z_att = zarr.open_array(str(cache / "teacher" / "attention"), mode="r")
     order = np.random.default_rng(seed).permutation(n)
@@ -156,18 +200,38 @@ def bench(label: str, grid: int, n: int, unique: int, workdir: Path, workers: in
 
     # warm pass: page cache, memmap page tables, shard indexes (steady state of epoch 2+)
     rate(read_memmap, order)
-    rate(group.native_packed, order_keys)
     rate(h5.native_packed, order_keys)
     rate(h5_plain.native_packed, order_keys)
+    readers = {"checked": group.native_packed, "unchecked": legacy.native_packed}
+    if against:
+        readers["ref"] = open_cache_at(against, workdir)(legacy_cache)["teacher"].native_packed
+    for read in readers.values():
+        rate(read, order_keys)
+    names, part = list(readers), max(len(order_keys) // 4, 1)
+    rates = {name: [] for name in names}
+    for r in range(rounds):
+        keys_r = order_keys[(r % 4) * part:(r % 4 + 1) * part]
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            rates[name].append(rate(readers[name], keys_r))
+    rates = {name: np.array(v) for name, v in rates.items()}
+
+    def ratio(a: str, b: str) -> tuple[float, float, float]:
+        return tuple(float(q) for q in np.percentile(rates[a] / rates[b], [50, 25, 75]))
+
     res = {
         "n": n, "write_s": write_s, "export_s": export_s,
         "memmap": rate(read_memmap, order),
         "zarr": rate(lambda i: (z_sim[i], z_att[i]), order[:200]),
-        "native_packed": rate(group.native_packed, order_keys),
+        "native_packed": float(np.median(rates["checked"])),
+        "no_checksums": float(np.median(rates["unchecked"])),
+        "crc_ratio": ratio("checked", "unchecked"),
         "targets": rate(lambda k: group.targets(k, STUDENT_GRID), order_keys[:200]),
         "h5": rate(h5.native_packed, order_keys),
         "h5_plain": rate(h5_plain.native_packed, order_keys),
     }
+    if against:
+        res["ref"] = float(np.median(rates["ref"]))
+        res["ref_ratio"] = ratio("checked", "ref")
     # exactness: our readers return what zarr-python returns
     for i in order[:20]:
         s, a = group.native_packed(keys[i])
@@ -189,7 +253,7 @@ def bench(label: str, grid: int, n: int, unique: int, workdir: Path, workers: in
                          for u in range(min(unique, 16)))
     res["err_att"] = max(float((group.targets(keys[u], STUDENT_GRID)[1] - att_ref[u]).abs().max())
                          for u in range(min(unique, 16)))
-    for g in (group, h5, h5_plain):
+    for g in (group, legacy, h5, h5_plain):
         g.close()
     return res
 
@@ -201,12 +265,17 @@ def main():
     ap.add_argument("--unique", type=int, default=64, help="distinct matrices the samples cycle through")
     ap.add_argument("--dir", type=Path, default=None, help="work folder [a temp dir, removed after]")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    ap.add_argument("--rounds", type=int, default=80, help="rounds of checked / unchecked / REF reads")
+    ap.add_argument("--against", default=None, metavar="REF",
+                    help="also time the reader of this git ref on the checksum-less cache")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as in a DataLoader worker, where per-sample reads happen
     workdir = Path(tempfile.mkdtemp(prefix="medalign_bench_", dir=args.dir))
     try:
-        cols = {"B/16 (P=196)": bench("b16", 14, args.n_b16, args.unique, workdir, args.workers),
-                "L/14-336 (P=576)": bench("l14", 24, args.n_l14, args.unique, workdir, args.workers)}
+        cols = {"B/16 (P=196)": bench("b16", 14, args.n_b16, args.unique, workdir, args.workers, rounds=args.rounds,
+                                      against=args.against),
+                "L/14-336 (P=576)": bench("l14", 24, args.n_l14, args.unique, workdir, args.workers, rounds=args.rounds,
+                                          against=args.against)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -222,9 +291,18 @@ def main():
     row("export to HDF5 (gzip 1), samples/s", lambda r: f"{r['n'] / r['export_s']:,.0f}")
     print("one process:")
     for key, label in (("memmap", "raw memmap (baseline)"), ("zarr", "zarr-python arr[i]"),
-                       ("native_packed", "ours: native_packed"), ("targets", f"ours: targets(grid={STUDENT_GRID})"),
+                       ("native_packed", "ours: native_packed"), ("no_checksums", "ours, no chunk checksums"),
+                       ("targets", f"ours: targets(grid={STUDENT_GRID})"),
                        ("h5", "HDF5 gzip 1: native_packed"), ("h5_plain", "HDF5 no gzip: native_packed")):
         row(label + ", samples/s", lambda r, k=key: f"{r[k]:>10,.0f}  ({r[k] / r['memmap']:.3f}x)")
+    if args.against:
+        row(f"reader at {args.against}, no checksums, samples/s", lambda r: f"{r['ref']:>10,.0f}  "
+                                                                        f"({r['ref'] / r['memmap']:.3f}x)")
+    quartiles = lambda q: f"{q[0]:.3f}  [{q[1]:.3f}, {q[2]:.3f}]"  # noqa: E731
+    row("checked / unchecked, same reader", lambda r: quartiles(r["crc_ratio"]))
+    if args.against:
+        row(f"checked / reader at {args.against}", lambda r: quartiles(r["ref_ratio"]))
+    print("(checked / ...: median [quartiles] of per-round ratios)")
     print(f"DataLoader, {args.workers} workers, batches of 16:")
     for key, label in (("w_memmap", "raw memmap (baseline)"), ("w_zarr", "ours: Zarr native_packed"),
                        ("w_h5", "HDF5 gzip 1: native_packed")):

@@ -125,7 +125,12 @@ def run(config_file, quiet, **flags):
             settings.setdefault("teacher", "")
         if required:
             raise click.UsageError("missing " + ", ".join("--" + k.replace("_", "-") for k in required))
-        config = RunConfig.from_dict(settings)
+        try:
+            config = RunConfig.from_dict(settings)
+        except ValueError as e:
+            if config_file is None:
+                raise
+            raise ValueError(f"{config_file} (with the flags given): {e}") from None
         with _quiet_libraries(quiet):
             out = train(config, progress=not quiet).out
     except (RunError, *USER_ERRORS) as e:
@@ -309,7 +314,8 @@ def predict(run_dir, student, images, questions, together, data, image_root, lim
             if image_root is not None:  # keys relative to the cache's image root: the teacher panel can find them
                 records, root = _rebase(records, root, image_root), image_root
         home = None if run_dir is not None else Path(".medalign")
-        m = load_medalign(run_dir, student=student, home=home, device=device, precision=precision)
+        m = load_medalign(run_dir, student=student, home=home, device=device, precision=precision,
+                          doing="ask it")
         run_config = json.loads((run_dir / "config.json").read_text()) if run_dir and \
             (run_dir / "config.json").is_file() else {}
         at = layer if layer is not None else (m.info.get("alignment") or {}).get("layer") or run_config.get("layer")

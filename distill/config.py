@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -69,12 +73,21 @@ class RunConfig:
     resume: bool = False
 
     def __post_init__(self):
+        if isinstance(self.lora_targets, list):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        # Types first (a config file can hold anything: `layer: [1, 2]`), then finiteness:
+        # `--eps inf` or `--alpha nan` would train to NaN, or silently without a loss.
+        problems = [p for f in fields(self) if (p := _type_problem(f.name, getattr(self, f.name)))]
+        if problems:
+            raise _invalid(problems)
+        problems = [f"{f.name} must be a finite number, got {getattr(self, f.name)}" for f in fields(self)
+                    if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
+        if problems:
+            raise _invalid(problems)
         for name in ("cache", "data", "image_root", "out"):
             value = getattr(self, name)
             if not (name == "cache" and is_url(value)):  # a URL stays a string: Path folds its '//'
                 object.__setattr__(self, name, Path(value).expanduser())
-        if self.lora_targets is not None:
-            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         problems = []
         if self.layer < 1:
             problems.append(f"layer must be >= 1 (the transform sits at layer - 1), got {self.layer}")
@@ -108,7 +121,7 @@ class RunConfig:
         if self.save_every < 1 or self.log_every < 1 or self.num_workers < 0:
             problems.append("save_every and log_every must be >= 1, num_workers >= 0")
         if problems:
-            raise ValueError("invalid run config:\n  " + "\n  ".join(problems))
+            raise _invalid(problems)
 
     @property
     def distill(self) -> bool:
@@ -120,7 +133,8 @@ class RunConfig:
                 for k, v in d.items()}
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        # allow_nan=False: config.json is JSON (no Infinity/NaN), whatever got past validation
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -129,6 +143,48 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(**d)
+
+
+def _invalid(problems: list[str]) -> ValueError:
+    """One line for one problem, a list for several."""
+    if len(problems) == 1:
+        return ValueError(f"invalid run config: {problems[0]}")
+    return ValueError("invalid run config:\n  " + "\n  ".join(problems))
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path",
+               type(None): "null"}
+
+
+def _type_ok(value, tp) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:  # tuple[str, ...]
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is Path:
+        return isinstance(value, (str, os.PathLike))
+    return isinstance(value, tp)
+
+
+def _type_problem(name: str, value) -> str | None:
+    """None if `value` has the type RunConfig declares for field `name`, else what is wrong."""
+    tp = typing.get_type_hints(RunConfig)[name]
+    if _type_ok(value, tp):
+        return None
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    wanted = " or ".join(_TYPE_NAMES.get(t, "a list of strings") for t in options)
+    hint = ""
+    if isinstance(value, str) and float in options:
+        try:
+            float(value)
+            hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)"
+        except ValueError:
+            pass
+    return f"{name} must be {wanted}, got {value!r} ({type(value).__name__}){hint}"
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -140,7 +196,13 @@ def load_config_file(path: Path) -> dict[str, Any]:
             import yaml
         except ImportError as e:
             raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use JSON") from e
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}: not valid YAML ({where}{what}); fix the file") from None
     else:
         try:
             data = json.loads(text)

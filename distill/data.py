@@ -15,6 +15,7 @@ learned), what the distillation losses need and the reference hard-codes:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,6 +128,29 @@ def encode(processor, record: Record, num_visual_tokens: int, max_length: int, n
     return Encoded(input_ids, labels, query_rows)
 
 
+def text_limit(tokenizer, max_length: int) -> int:
+    """The most characters `max_length` tokens can hold: max_length times the vocabulary's
+    longest token (its string is at least as long as the text it stands for). A field
+    longer than this cannot fit whatever the tokenizer makes of it."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return max_length * max(longest, 1)
+
+
+def bound_text(record: Record, max_chars: int) -> Record:
+    """The record as `encode` may see it, decided by characters BEFORE tokenisation (a
+    200 MB line would otherwise be tokenised whole first): a first question longer than
+    max_chars (`text_limit`) is refused, since the prompt must fit; any other field is
+    cut to max_chars, which keeps every token `encode`'s truncation of the answer's end
+    keeps (they all lie within the first max_chars characters of each field)."""
+    if record.turns and len(record.turns[0][0]) > max_chars:
+        raise SampleError(f"record {record.id!r}: its question has {len(record.turns[0][0]):,} characters, more than "
+                          f"the {max_chars:,} that fit in the student's token limit (--max-length in training, the "
+                          f"model's context in eval); shorten or drop the record")
+    if all(len(h) <= max_chars and len(a) <= max_chars for h, a in record.turns):
+        return record
+    return dataclasses.replace(record, turns=tuple((h[:max_chars], a[:max_chars]) for h, a in record.turns))
+
+
 def read_targets(group: TeacherGroup, keys, need_sim: bool = True, need_attn: bool = True) -> dict:
     """The stored targets of `keys` (one row per image) that the run's losses use, and only
     those: without L_vis the packed similarity (P(P-1)/2 fp16 values, ~P/4 times the size
@@ -149,9 +173,12 @@ class DistillDataset(Dataset):
 
     def __init__(self, records: list[Record], image_root, processor, num_visual_tokens: int,
                  max_length: int, group: TeacherGroup | None, pad_to_square: bool, *,
-                 need_sim: bool = True, need_attn: bool = True, images: str = "first"):
+                 need_sim: bool = True, need_attn: bool = True, images: str = "first",
+                 max_chars: int | None = None):
         self.records, self.image_root, self.processor = records, image_root, processor
         self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
+        # what a text field may hold before tokenisation (bound_text); default: what max_length tokens can
+        self.max_chars = text_limit(processor.tokenizer, max_length) if max_chars is None else max_chars
         self.group, self.pad_to_square = group, pad_to_square
         self.need_sim, self.need_attn, self.images = need_sim, need_attn, images
         mean = getattr(processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
@@ -178,7 +205,7 @@ class DistillDataset(Dataset):
         return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
     def _item(self, i):
-        record = self.records[i]
+        record = bound_text(self.records[i], self.max_chars)  # first: nothing huge reaches the tokenizer
         keys = record_images(record, self.images)
         pixels = torch.stack([self.pixels(k) for k in keys])
         enc = encode(self.processor, record, self.num_visual_tokens, self.max_length, n_images=len(keys))

@@ -283,7 +283,7 @@ def evaluate(data, image_root, *, run=None, student: str | None = None, out=None
                         f"check --image-root")
     home = Path(out) if out is not None else None
     em = model or load_medalign(run, student=student, base_only=base_only, home=home, device=device,
-                                precision=precision, pad_to_square=pad_to_square)
+                                precision=precision, pad_to_square=pad_to_square, doing="evaluate it")
 
     dest.mkdir(parents=True, exist_ok=True)
     # Results of an earlier evaluation must not sit next to this one's partial predictions.

@@ -66,7 +66,7 @@ def export(run, out, *, merge: bool = False, dtype: str | None = None, progress:
                           f"adapter then loads on the 4-bit or the full-precision base)")
     # Loading first checks that the run is complete (adapter, alignment) and resolves its base,
     # template and geometry exactly as eval and predict do.
-    m = load_medalign(run, device="cpu", precision="fp32" if merge else "auto")
+    m = load_medalign(run, device="cpu", precision="fp32" if merge else "auto", doing="export it")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

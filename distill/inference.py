@@ -37,9 +37,10 @@ import torch
 
 from precompute.datasets import Record
 
-from .data import DistillDataset, record_images, split_errors, visual_layout
+from .data import DistillDataset, record_images, split_errors, text_limit, visual_layout
+from .rundir import ensure_tiny_student, require_finished
 from .student import (DistillTap, Student, StudentError, load_adapter, load_alignment, load_student,
-                      make_tiny_student, student_geometry)
+                      student_geometry)
 
 EXPORT_RECORD = "medalign_export.json"   # what `medalign-distill export` writes (distill/export.py)
 
@@ -66,10 +67,14 @@ class MedAlignModel:
 
     def dataset(self, records, image_root) -> DistillDataset:
         """Prompts of `records` as this model is shown them. No truncation: an answer longer
-        than any limit still leaves the prompt whole."""
+        than any limit still leaves the prompt whole. But a prompt longer than the model's
+        context cannot be generated from: such text is refused (answers cut) by characters,
+        before it is tokenised (data.bound_text)."""
         s = self.student
+        context = getattr(s.model.config.get_text_config(), "max_position_embeddings", None) or 32768
         return DistillDataset(records, image_root, s.processor, s.num_visual_tokens, 1 << 30, None,
-                              self.pad_to_square, images=self.images)
+                              self.pad_to_square, images=self.images,
+                              max_chars=text_limit(s.processor.tokenizer, context))
 
     def collate(self):
         tok = self.student.processor.tokenizer
@@ -135,10 +140,7 @@ def run_pad_to_square(run: Path, config: dict) -> bool:
 
 def _student_dir(student: str, home: Path, seed: int = 0) -> Path:
     if student == "tiny":
-        path = Path(home) / "tiny-student"
-        if not (path / "config.json").exists():
-            make_tiny_student(path, seed=seed)
-        return path
+        return ensure_tiny_student(Path(home) / "tiny-student", seed=seed)
     return Path(student).expanduser()
 
 
@@ -181,18 +183,23 @@ def _export_parts(folder: Path) -> _Parts:
 
 
 def load_medalign(path=None, *, student: str | None = None, base_only: bool = False, home=None,
-                  device: str = "auto", precision: str = "auto", pad_to_square: bool | None = None) -> MedAlignModel:
+                  device: str = "auto", precision: str = "auto", pad_to_square: bool | None = None,
+                  doing: str = "use it") -> MedAlignModel:
     """A trained model ready to generate (see the module docstring).
 
     path: a run directory (`medalign-distill run --out`) or an exported folder
       (`medalign-distill export --out`); base_only: its base student, nothing added.
     student (without path): a base student, a local LLaVA folder or "tiny" (built in `home`).
-    precision: "auto" (bf16 on CUDA), "bf16" or "fp32"; pad_to_square overrides the geometry."""
+    precision: "auto" (bf16 on CUDA), "bf16" or "fp32"; pad_to_square overrides the geometry.
+    A run must have finished (RUN/finished.json; `doing` completes the message that says how)."""
     dev = _device(device)
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
     if path is not None:
         path = Path(path)
-        parts = _export_parts(path) if (path / EXPORT_RECORD).is_file() else _run_parts(path, student)
+        exported = (path / EXPORT_RECORD).is_file()
+        if not exported and not base_only:  # the base needs nothing of the run but its config
+            require_finished(path, doing)
+        parts = _export_parts(path) if exported else _run_parts(path, student)
     elif student is not None:
         base = _student_dir(student, Path(home) if home is not None else Path("."))
         parts = _Parts(base=base, chat_template=None, adapter=None, alignment=None, layer=None,
@@ -210,8 +217,8 @@ def load_medalign(path=None, *, student: str | None = None, base_only: bool = Fa
         kind = "trained"
         merged = info.get("merged", False)
         if parts.adapter is None and not merged:
-            raise LoadError(f"{path} has no final adapter ({path / 'adapter'}); the run has not finished: "
-                            f"resume it with --resume, or use its base with --base-only")
+            raise LoadError(f"{path} has no adapter ({path / 'adapter'}): an export must hold adapter/ unless "
+                            f"it was merged; export the run again")
         if parts.adapter is not None:
             loaded.model = load_adapter(loaded.model, parts.adapter)
         info["adapter"] = "merged into the weights" if merged else str(parts.adapter)

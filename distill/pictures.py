@@ -1,6 +1,7 @@
-"""Pictures of a finished (or interrupted) run: what the student looks at before and
-after distillation, how the losses went, and how the images' features cluster
-(the paper's Figure 1).
+"""Pictures of a finished run: what the student looks at before and after
+distillation, how the losses went, and how the images' features cluster (the
+paper's Figure 1). Like eval, it refuses a run without RUN/finished.json (an
+interrupted one: its checkpoints are a resume's starting point, not a result).
 
     medalign-distill pictures --run runs/unimed-l20 --data test.json --image-root images/ --out pics/
 
@@ -66,6 +67,7 @@ from precompute.datasets import Record, load_records
 from .config import RunConfig
 from .data import DistillDataset, make_collate, record_images
 from .inference import load_medalign
+from .rundir import require_finished
 from .student import (AlignmentTransform, DistillTap, StudentError, load_adapter, load_alignment)
 
 log = logging.getLogger("medalign.distill")
@@ -106,17 +108,11 @@ def _run_config(run: Path, cache) -> RunConfig:
 
 
 def _trained_parts(run: Path) -> tuple[Path, Path | None, str]:
-    """(adapter dir, alignment dir or None, where from): the final ones, else the latest checkpoint."""
+    """(adapter dir, alignment dir or None, where from) of a finished run."""
     run = Path(run)
-    if (run / "adapter" / "adapter_config.json").is_file():
-        base, where = run, "final adapter"
-    else:
-        done = sorted((run / "checkpoints").glob("step-???????"))
-        if not done:
-            raise PicturesError(f"run {run} has no adapter/ and no checkpoint yet: nothing trained to show")
-        base, where = done[-1], f"checkpoint {done[-1].name} (the run has no final adapter)"
-    alignment = base / "alignment"
-    return base / "adapter", (alignment if (alignment / "alignment_config.json").is_file() else None), where
+    require_finished(run, "draw its pictures")
+    alignment = run / "alignment"
+    return run / "adapter", (alignment if (alignment / "alignment_config.json").is_file() else None), "final adapter"
 
 
 def _raw_rows(path: Path, split: str | None) -> list[dict]:

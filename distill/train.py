@@ -6,14 +6,20 @@ The teacher is never loaded: its targets stream from the cache at their native
 grid and are resized to the student's grid on the device. A run directory holds
 everything needed to read, resume or reuse the run:
 
-    config.json  cache_metadata.json  versions.json  train.log  metrics.jsonl
+    run.lock  config.json  cache_metadata.json  versions.json  train.log  metrics.jsonl
     checkpoints/step-0000100/   (adapter/, alignment/, optimizer.pt, scheduler.pt, rng-RANK.pt, state.json)
     adapter/  alignment/        (final: plain peft format + the alignment transform)
     loss_curves.png
+    finished.json               (written last: only a run holding it is finished; rundir.py)
+
+One `train` at a time writes a run directory (run.lock, taken before anything is
+written); a NaN/inf loss or gradient stops the run before its update reaches the
+weights (`check_finite`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,8 +44,10 @@ from precompute.targets import RECIPE, bilinear_matrix, resize_attention, resize
 from .config import RunConfig
 from .data import DistillDataset, SampleError, make_collate, record_images
 from .losses import attention_distill_loss, next_token_loss, visual_alignment_loss
+from .rundir import (DISK_FULL, ensure_tiny_student, mark_finished, os_error_line, run_lock,
+                     unmark_finished)
 from .student import (AlignmentTransform, DistillTap, apply_lora, conversion_record, load_alignment,
-                      load_student, make_tiny_student, save_alignment, student_geometry)
+                      load_student, save_alignment, student_geometry)
 
 log = logging.getLogger("medalign.distill")
 
@@ -57,13 +65,31 @@ class RunError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
+def check_finite(values: dict[str, float], step: int, sample_ids) -> None:
+    """RunError if a loss term (or the gradient norm) of optimiser step `step` is NaN or
+    inf. Called before the step's update: the weights, and so every checkpoint, stay
+    those of the last good step. (One mechanism for every precision.)"""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    ids = list(sample_ids)
+    shown = ", ".join(map(repr, ids[:8])) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+    raise RunError(f"non-finite {', '.join(f'{k} = {v}' for k, v in bad.items())} at step {step} (samples {shown}); "
+                   f"its update was not applied. Check those samples and their targets, or lower --lr")
+
+
 # ----------------------------------------------------------------------------- run directory
+
+class _LogFile(logging.FileHandler):
+    def handleError(self, record):
+        pass  # a full disk must not print a logging traceback beside the run's one error line
+
 
 def _setup_logging(out: Path) -> None:
     log.setLevel(logging.INFO)
     for h in list(log.handlers):
         log.removeHandler(h)
-    fh = logging.FileHandler(out / "train.log")
+    fh = _LogFile(out / "train.log")
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(fh)
     log.propagate = False
@@ -290,7 +316,7 @@ def rebuild_command(config: RunConfig, group, pad: bool | None = None, group_nam
 def verify_command(config: RunConfig, group) -> str:
     """The `medalign-cache verify` command that spot-checks this run's targets against the images."""
     return " ".join(["medalign-cache verify", f"--cache {config.cache}", *_teacher_args(group),
-                     f"--image-root {config.image_root}"])
+                     f"--image-root {config.image_root}", "--samples 8"])
 
 
 # ----------------------------------------------------------------------------- batches
@@ -369,17 +395,22 @@ def save_checkpoint(out: Path, step: int, model, transform, config, optimizer, s
     final = out / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died before (only complete ones are renamed)
         tmp.mkdir(parents=True)
     dist.barrier()
-    torch.save(rng, tmp / f"rng-{dist.rank}.pt")
-    if dist.main:
-        model.save_pretrained(tmp / "adapter")
-        if transform is not None:
-            save_alignment(transform, tmp / "alignment", layer=config.layer)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world": dist.world}))
+    try:
+        torch.save(rng, tmp / f"rng-{dist.rank}.pt")
+        if dist.main:
+            model.save_pretrained(tmp / "adapter")
+            if transform is not None:
+                save_alignment(transform, tmp / "alignment", layer=config.layer)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "world": dist.world}))
+    except BaseException:
+        if dist.main:  # e.g. a full disk: give its space back; the previous checkpoints stay
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dist.barrier()
     if dist.main:
         tmp.rename(final)  # a checkpoint directory exists only once complete
@@ -432,11 +463,23 @@ def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler, dist: Di
 # ----------------------------------------------------------------------------- the run
 
 def train(config: RunConfig, progress: bool = True) -> TrainResult:
-    from transformers import get_cosine_schedule_with_warmup
-
     device = _device(config)
     dist = init_distributed(device)
-    progress = progress and dist.main
+    try:
+        # One writer per run directory, locked before anything is written; rank 0 holds it
+        # for the job (the other ranks write only their RNG state into rank 0's checkpoints).
+        with run_lock(config.out) if dist.main else contextlib.nullcontext():
+            return _train(config, device, dist, progress and dist.main)
+    except OSError as e:  # a full disk outside the training loop (which says where it stopped)
+        if e.errno not in DISK_FULL:
+            raise
+        log.error("%s", os_error_line(e))
+        raise RunError(f"{os_error_line(e)}, then rerun the same command with --resume") from e
+
+
+def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) -> TrainResult:
+    from transformers import get_cosine_schedule_with_warmup
+
     out = config.out
     if out.exists() and (out / "config.json").exists() and not config.resume:
         raise RunError(f"run directory {out} already holds a run: pass --resume to continue it, "
@@ -451,6 +494,7 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     dist.barrier()  # every rank has checked the directory before rank 0 writes into it
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        unmark_finished(out)  # a resumed run is unfinished until it writes its final files again
         _setup_logging(out)
     torch.manual_seed(config.seed)  # the same initial LoRA weights on every rank
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
@@ -471,8 +515,8 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     student_path = config.student
     if student_path == "tiny":
         student_path = out / "tiny-student"
-        if dist.main and not (student_path / "config.json").exists():
-            make_tiny_student(student_path, seed=config.seed)
+        if dist.main:
+            ensure_tiny_student(student_path, seed=config.seed)
         dist.barrier()
     student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32,
                            device=str(device), chat_template=config.chat_template)
@@ -589,15 +633,19 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
             for batch in mine:
                 for k, v in forward_losses(batch, max(n_tokens, 1.0), n_images).items():
                     sums[k] += v
+            # Summed over ranks before the update, so every rank stops at the same step.
+            ntp, vis, att = dist.sum([sums["ntp"], sums["vis"], sums["att"]], device)
+            ntp, vis, att = ntp / max(n_tokens, 1.0), vis / n_images, att / n_images
+            ids = [dataset.records[i].id for b in mine for i in b["index"].tolist()]
+            check_finite({"ntp": ntp, "vis": vis, "att": att}, step + 1, ids)
             all_reduce_grads(params, dist)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            check_finite({"grad_norm": float(grad_norm)}, step + 1, ids)
             updating = True
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            ntp, vis, att = dist.sum([sums["ntp"], sums["vis"], sums["att"]], device)
-            ntp, vis, att = ntp / max(n_tokens, 1.0), vis / n_images, att / n_images
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": ntp + config.alpha * vis + config.beta * att, "ntp": ntp,
                       "vis": vis, "att": att, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
@@ -626,17 +674,24 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         if metrics_file is not None:
             metrics_file.close()
         if step > saved and dist.world == 1 and not updating:
-            save_checkpoint(out, step, model, transform, config, optimizer, scheduler, committed_rng)
-            saved = step
+            try:
+                save_checkpoint(out, step, model, transform, config, optimizer, scheduler, committed_rng)
+                saved = step
+            except OSError as save_error:  # a full disk: the earlier checkpoint is what there is
+                log.error("could not save a checkpoint of step %d: %s", step, os_error_line(save_error))
         elif updating:  # stopped inside an update: weights and records may disagree, so keep the last checkpoint
             log.error("stopped during the update of step %d: not checkpointed; a resume continues from step %d",
                       step, saved)
-        log.error("stopped at step %d: %s", step, e)
         if isinstance(e, KeyboardInterrupt):
+            log.error("stopped at step %d: interrupted", step)
             raise
-        kept = f"Progress up to step {saved} is saved in {out / 'checkpoints'}" if saved else "No checkpoint was saved"
-        raise RunError(f"training stopped at step {step}: {e}\n{kept}; fix the cause and rerun the same command "
-                       f"with --resume.") from e
+        why = os_error_line(e) if isinstance(e, OSError) else str(e)
+        kept = (f"The last good checkpoint is {latest_checkpoint(out)} (step {saved})" if saved
+                else "No checkpoint was saved")
+        message = (f"training stopped at step {step}: {why}\n{kept}; fix the cause and rerun the same command "
+                   f"with --resume.")
+        log.error("%s", message)
+        raise RunError(message) from e
     bar.close()
     if dist.main:
         metrics_file.close()
@@ -644,6 +699,9 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         if transform is not None:
             save_alignment(transform, out / "alignment", layer=config.layer)
         plot_loss_curves(out / "metrics.jsonl", out / "loss_curves.png")
+        # Last, atomically: eval and pictures use only a run that has it (rundir.require_finished).
+        mark_finished(out, {"step": step, "adapter": "adapter",
+                            "alignment": "alignment" if transform is not None else None})
         log.info("done: adapter in %s", out / "adapter")
     dist.barrier()
     return TrainResult(out, student, transform, tap)

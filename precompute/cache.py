@@ -40,7 +40,7 @@ import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from .targets import bilinear_matrix, resize_attention, resize_similarity, unpack_upper
 
@@ -56,10 +56,16 @@ IDENTITY_FIELDS = ("teacher", "arch", "checkpoint_sha256", "preprocessing", "rec
 # level 1 stores ~1.4x smaller than raw, encodes faster than zstd-3 and decodes 4x faster
 # (zstd's extra ~10% of size would cost reads the 0.15x-of-memmap budget).
 BLOSC = {"cname": "lz4hc", "clevel": 1, "shuffle": "shuffle"}
+# Every chunk ends in the Zarr spec's crc32c of its encoded bytes (targets: the blosc
+# frame; keys, status: theirs), so a flipped byte on disk is an error when read, by
+# medalign and by any Zarr reader, never a target. Caches written before this have
+# none and still read (cache_schema.md, "Checksums"); False only writes that old layout
+# (tests and the bench compare the two).
+CHUNK_CHECKSUMS = True
 SHARD_TARGET_BYTES = 32 * 2**20  # one shard file ~ tens of MB: few files, cheap rewrites
 KEYS_CHUNK = 65536
 GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-MAX_UINT64 = np.uint64(2**64 - 1)
+MAX_UINT64 = 2**64 - 1  # an index entry of a chunk never written
 
 
 # On a URL cache (no locks) parts other than part 0 wait this long for part 0 to create
@@ -347,20 +353,22 @@ def _remove_partials(gpath, owned) -> int:
 
 def _create_arrays(gpath, n: int, num_patches: int, shard_size: int):
     M, P = packed_size(num_patches), num_patches
+    crc = [Crc32cCodec()] if CHUNK_CHECKSUMS else []
     # One chunk per sample (the unit a reader fetches), many chunks per shard file
     # (the unit the file system sees). NaN fill: a row never written reads as NaN.
     for name, width, dtype in (("similarity", M, "float16"), ("attention", P, "float32")):
         zarr.create_array(store=str(gpath / name), shape=(n, width), chunks=(1, width),
                           shards=(shard_size, width), dtype=dtype, fill_value=np.nan,
-                          serializer=BytesCodec(endian="little"), compressors=BloscCodec(**BLOSC),
+                          serializer=BytesCodec(endian="little"), compressors=[BloscCodec(**BLOSC), *crc],
                           overwrite=True)
     # status is 1 byte a sample: plain chunks, one per shard, so committing a shard's
     # rows rewrites exactly one small file.
     zarr.create_array(store=str(gpath / "status"), shape=(n,), chunks=(shard_size,), dtype="uint8",
-                      fill_value=PENDING, compressors=None, overwrite=True)
+                      fill_value=PENDING, compressors=crc or None, overwrite=True)
     # A fixed chunk whatever the first build's size: appends then add rows to the last
-    # chunk instead of one file per few keys.
-    zarr.create_array(store=str(gpath / "keys"), shape=(n,), chunks=(KEYS_CHUNK,), dtype=str, overwrite=True)
+    # chunk instead of one file per few keys. (zstd is zarr's default for strings.)
+    zarr.create_array(store=str(gpath / "keys"), shape=(n,), chunks=(KEYS_CHUNK,), dtype=str,
+                      compressors=[ZstdCodec(), *crc], overwrite=True)
 
 
 def _write_keys(keys, lo: int, names: list[str]):
@@ -375,13 +383,31 @@ def _write_keys(keys, lo: int, names: list[str]):
         start = end
 
 
+def _read_whole(apath) -> np.ndarray:
+    """A 1-D unsharded array (keys, status) read whole. A chunk that cannot be decoded
+    (emptied, damaged, failing its checksum) is a CacheError naming its file."""
+    arr = zarr.open_array(str(apath), mode="r")
+    try:
+        return arr[:]
+    except (ValueError, RuntimeError) as e:  # zarr: crc32c mismatch; numcodecs: zstd/blosc errors
+        n, first = arr.chunks[0], e
+        for i in range(math.ceil(arr.shape[0] / n)):  # which chunk: the error does not say
+            try:
+                arr[i * n:(i + 1) * n]
+            except (ValueError, RuntimeError) as e_chunk:
+                apath, first = apath / "c" / str(i), e_chunk
+                break
+        why = "it fails its checksum (crc32c)" if "checksum" in str(first) else first
+        raise CacheError(f"{apath} cannot be decoded ({why})") from None
+
+
 def _committed_keys(gpath) -> list[str]:
     """The group's keys: `keys` up to its first empty entry.
 
     Keys are never empty, so an empty one is a row an interrupted append made (keys are
     resized, then named) but never named: it and every row after it are unused, and the
     next append reuses them. The other arrays may be longer still; keys decide."""
-    keys = zarr.open_array(str(gpath / "keys"), mode="r")[:].tolist()
+    keys = _read_whole(gpath / "keys").tolist()
     try:
         return keys[:keys.index("")]
     except ValueError:
@@ -749,14 +775,34 @@ def _check_root(path: Path) -> dict:
 _warned: set[str] = set()
 
 
+def chunk_codecs(meta: dict) -> list[str]:
+    """Names of the codecs each chunk of an array goes through (inside the shards of a
+    sharded one), from its zarr.json: whether "crc32c" checks every chunk."""
+    try:
+        codecs = meta["codecs"]
+        if codecs and codecs[0]["name"] == "sharding_indexed":
+            codecs = codecs[0]["configuration"]["codecs"]
+        return [c["name"] for c in codecs]
+    except (KeyError, TypeError, IndexError):
+        return []
+
+
+# The CRC-32C of any bytes followed by their own CRC-32C (little endian) is this constant,
+# so a chunk is checked with one pass over the bytes as read, without slicing off its
+# 4-byte checksum (a copy). (A property of CRCs with a final XOR; tests check it.)
+CRC32C_RESIDUE = 0x48674BC7
+
+
 class _RowReader:
     """Row i of a 2-D array laid out as GroupWriter writes it (chunks (1, W) in shards
-    (S, W), codecs bytes(little) + blosc), read without zarr-python.
+    (S, W), codecs bytes(little) + blosc + crc32c), read without zarr-python.
 
     A shard file holds its chunks followed by the index: S (offset, nbytes) uint64 pairs
     and a crc32c of them. The index is read once per shard file version; then a row is
-    one os.pread + one blosc decode. File descriptors are per process (reopened after a
-    fork: DataLoader workers) and at most MAX_OPEN stay open.
+    one os.pread + one checksum + one blosc decode. Arrays written before chunk checksums
+    (no crc32c codec) read the same, unchecked (`checksummed` False). File descriptors
+    are per process (reopened after a fork: DataLoader workers) and at most MAX_OPEN
+    stay open.
 
     At a URL the same happens with fsspec range reads: an "open" shard is its fsspec
     path, checked (size, version) when opened, and a row is one `cat_file(start, end)`.
@@ -770,6 +816,7 @@ class _RowReader:
         meta = _read_json(path / "zarr.json")
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         self.width = int(meta["shape"][1])
+        self.checksummed = "crc32c" in chunk_codecs(meta)  # read through zarr, zarr checks it
         self.fast = self._layout(meta)
         if not self.fast:
             if str(path) not in _warned:
@@ -777,7 +824,7 @@ class _RowReader:
                 warnings.warn(f"{path}: codecs are not the ones medalign writes; reading through "
                               f"zarr-python (correct, ~100x slower)", stacklevel=3)
             self._zarr = zarr.open_array(str(path), mode="r")
-        self._indexes: dict[int, tuple[tuple, np.ndarray]] = {}
+        self._indexes: dict[int, tuple[tuple, list]] = {}
         self._reset()
 
     def _layout(self, meta: dict) -> bool:
@@ -785,7 +832,7 @@ class _RowReader:
             (shard,) = meta["codecs"]
             cfg = shard["configuration"]
             inner = [c["name"] for c in cfg["codecs"]]
-            ok = (shard["name"] == "sharding_indexed" and inner == ["bytes", "blosc"]
+            ok = (shard["name"] == "sharding_indexed" and inner in (["bytes", "blosc"], ["bytes", "blosc", "crc32c"])
                   and cfg["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
                   and cfg["chunk_shape"] == [1, self.width]
                   and [c["name"] for c in cfg["index_codecs"]] == ["bytes", "crc32c"]
@@ -871,17 +918,29 @@ class _RowReader:
             return os.pread(fd, nbytes, offset)
         return self.path.fs.cat_file(fd, start=offset, end=offset + nbytes)
 
-    def _read_index(self, fd, size: int, shard: int) -> np.ndarray:
+    def _read_index(self, fd, size: int, shard: int) -> list[list[int]]:
         nbytes = self.shard_rows * 16 + 4
         raw = self._pread(fd, nbytes, size - nbytes) if size >= nbytes else b""
         if len(raw) != nbytes or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             raise CacheError(f"shard file {self._shard_file(shard)} is truncated or corrupt (bad index); "
                              f"rebuild this cache group")
-        return np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_rows, 2)
+        # Python ints: a row's lookup is then two list indexings, no numpy scalars
+        return np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_rows, 2).tolist()
+
+    def _damaged(self, key: str, row: int, shard: int | None, what: str) -> CacheError:
+        """One line naming cache, group, key and file, and the fix."""
+        group = self.path.parent
+        where = self._shard_file(shard) if shard is not None else self.path
+        return CacheError(f"cache {group.parent}, group {group.name!r}: the stored {self.path.name} of {key!r} "
+                          f"(row {row}) in {where} {what}; the file was damaged or altered on disk: rebuild the "
+                          f"group (delete {group} and rerun the `medalign-cache build` that made it)")
 
     def read(self, row: int, key: str) -> np.ndarray:
         if not self.fast:
-            return np.asarray(self._zarr[row])
+            try:  # zarr checks the crc32c codec, if the array has one
+                return np.asarray(self._zarr[row])
+            except (ValueError, RuntimeError) as e:
+                raise self._damaged(key, row, None, f"cannot be decoded ({type(e).__name__}: {e})") from None
         if self._pid != os.getpid():  # forked: start afresh (a parent thread may have held the lock)
             self.close()
             self._reset()
@@ -891,19 +950,26 @@ class _RowReader:
                 fd, index = self._fd(shard)
                 offset, nbytes = index[local]
                 if offset == MAX_UINT64:
-                    raise CacheError(f"{key!r}: row {row} is marked done but {self.path} has no data for it; "
-                                     f"rebuild this cache group")
-                buf = self._pread(fd, int(nbytes), int(offset))
+                    raise self._damaged(key, row, shard, "is not there (its status says done, the shard's index "
+                                                         "has no entry)")
+                buf = self._pread(fd, nbytes, offset)
         except FileNotFoundError:
-            raise CacheError(f"{key!r}: shard file {self._shard_file(shard)} is missing; rebuild this cache "
-                             f"group") from None
+            raise self._damaged(key, row, shard, "is missing (no such file)") from None
         out = np.empty(self.width, dtype=self.dtype)
+        if len(buf) != nbytes:
+            raise self._damaged(key, row, shard, f"is truncated ({len(buf)} of {nbytes} bytes)")
+        if self.checksummed:
+            if google_crc32c.value(buf) != CRC32C_RESIDUE:
+                raise self._damaged(key, row, shard, "fails its checksum (crc32c)")
+            buf = memoryview(buf)[:-4]  # the blosc frame, without a copy
         # The blosc header's bytes 4..8 hold the decoded size; check it, since decoding
         # into a larger buffer would silently leave garbage at the end.
-        if len(buf) != nbytes or len(buf) < 16 or int.from_bytes(buf[4:8], "little") != out.nbytes:
-            raise CacheError(f"{key!r}: chunk of row {row} in {self._shard_file(shard)} is corrupt; rebuild "
-                             f"this cache group")
-        numcodecs.blosc.decompress(buf, out)
+        if len(buf) < 16 or int.from_bytes(buf[4:8], "little") != out.nbytes:
+            raise self._damaged(key, row, shard, "is corrupt (bad blosc header)")
+        try:
+            numcodecs.blosc.decompress(buf, out)
+        except RuntimeError as e:  # "error during blosc decompression: -1"
+            raise self._damaged(key, row, shard, f"is corrupt ({e})") from None
         return out
 
 
@@ -917,19 +983,28 @@ class TeacherGroup:
         self.num_patches = int(metadata["num_patches"])
         self.native_grid = math.isqrt(self.num_patches)
         self.shard_size = int(metadata["shard_size"])
+        fix = "rebuild it: delete that folder and rerun the `medalign-cache build` that made it"
         try:
             self._keys = _committed_keys(self.path)
             self._rows = {k: i for i, k in enumerate(self._keys)}
-            # arrays may be longer than keys after an interrupted append: keys decide
-            self._status = zarr.open_array(str(self.path / "status"), mode="r")[: len(self._keys)]
+            status = _read_whole(self.path / "status")
             self._similarity = _RowReader(self.path / "similarity")
             self._attention = _RowReader(self.path / "attention")
-        except (CacheError, OSError) as e:  # zarr's "no array here" is a FileNotFoundError
-            raise CacheError(f"cache group {self.path} is damaged ({type(e).__name__}: {e}); rebuild it: delete "
-                             f"that folder and rerun the `medalign-cache build` that made it") from e
-        if len(self._status) < len(self._keys):
-            raise CacheError(f"cache group {self.path} is damaged (status has {len(self._status)} rows for "
-                             f"{len(self._keys)} keys); rebuild it: delete that folder and rerun the build")
+        except CacheError as e:
+            raise CacheError(f"cache group {self.path} is damaged: {e}; {fix}") from e
+        except (OSError, ValueError, RuntimeError) as e:  # zarr's "no array here" is a FileNotFoundError
+            raise CacheError(f"cache group {self.path} is damaged ({type(e).__name__}: {e}); {fix}") from e
+        n = len(self._keys)
+        if len(status) < n:
+            raise CacheError(f"cache group {self.path} is damaged (status has {len(status)} rows for {n} keys); {fix}")
+        # Rows past the keys are unused (an interrupted append leaves them pending), so a
+        # result there means keys lost entries: a keys chunk deleted or emptied.
+        orphans = np.flatnonzero(status[n:] != PENDING)
+        if len(orphans):
+            raise CacheError(f"cache group {self.path} is damaged: {len(orphans)} rows from row {n + orphans[0]} on "
+                             f"hold results but have no key (files of {self.path / 'keys'} deleted or emptied?); "
+                             f"{fix}")
+        self._status = status[:n]  # arrays may be longer than keys after an interrupted append: keys decide
 
     def __repr__(self):
         return f"TeacherGroup({self.name!r}, {len(self)} samples, grid {self.native_grid}, {self.path})"
@@ -989,6 +1064,11 @@ class TeacherGroup:
         # On the native grid R = I and the resize returns S unchanged: skip the matmuls.
         sim_t = sim if grid == self.native_grid else resize_similarity(sim, R)
         return sim_t, resize_attention(attn, R)
+
+    @property
+    def unchecked_arrays(self) -> list[str]:
+        """The target arrays whose chunks carry no checksum (written before medalign added them)."""
+        return [r.path.name for r in (self._similarity, self._attention) if not r.checksummed]
 
     def stored_bytes(self) -> int:
         """Bytes the group's files take in the store."""

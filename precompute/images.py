@@ -109,19 +109,29 @@ def _load_pil(path: Path) -> Image.Image:
                          f"downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}; "
                          f"PIL refuses twice that) before building.") from None
     except Image.UnidentifiedImageError:
-        # PIL's own text only repeats the path; what the file starts with says more.
-        raise ImageError(f"{path}: not a readable image: no image format PIL knows starts with "
-                         f"{_head(path)!r}; re-export or remove it") from None
+        # PIL's own text only repeats the path. Say what kind of bytes the file starts with,
+        # never the bytes themselves: the "image" may be a link to a secret (/etc/passwd).
+        raise ImageError(f"{path}: not a readable image: not a known image format (starts with "
+                         f"{_describe_head(path)}); re-export or remove it") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
         raise ImageError(f"{path}: cannot decode ({type(e).__name__}: {e}); re-export or remove it") from None
 
 
-def _head(path: Path, n: int = 16) -> bytes:
+def _describe_head(path: Path, n: int = 16) -> str:
     try:
         with open(path, "rb") as f:
-            return f.read(n)
+            head = f.read(n)
     except OSError:
-        return b""
+        return "bytes that cannot be read"
+    text = None
+    for cut in range(4):  # the n-th byte may fall inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            pass
+    kind = "text" if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text) else "binary data"
+    return f"{len(head)} bytes of {kind}"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

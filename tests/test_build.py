@@ -341,3 +341,65 @@ def test_second_concurrent_build_refuses(tmp_path, dataset):
                            capture_output=True, text=True)
     assert r.returncode == 1
     assert "another build" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- verify: integrity, tolerance
+
+
+def test_verify_checks_every_stored_chunk_without_the_teacher(tmp_path, dataset, monkeypatch):
+    from tests.test_cache import chunk_span, flip
+    root, data, keys = dataset
+    cache = tmp_path / "cache"
+    r = run_cli("build", "--teacher", "tiny", "--random-init", "--data", data, "--image-root", root,
+                "--cache", cache, "--shard-size", 4, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr("precompute.build.load_teacher", lambda *a, **k: pytest.fail("verify loaded the teacher"))
+    r = run_cli("verify", "--cache", cache)                     # every group; no teacher, no images
+    assert r.exit_code == 0 and "tiny: 10/10 done" in r.output and "read back 10 done rows" in r.output, r.output
+    assert r.output.endswith("ok\n") and "note" not in r.output
+
+    rows = {k: i for i, k in enumerate(open_cache(cache)["tiny"].keys())}
+    damaged = {}
+    for key, array, mask in ((keys[1], "similarity", 0xFF), (keys[6], "attention", 0x04)):   # a byte, a bit
+        shard, offset, nbytes = chunk_span(cache, array, rows[key], group="tiny")
+        flip(shard, offset + nbytes // 2, mask)
+        damaged[key] = shard
+    r = run_cli("verify", "--cache", cache, "--teacher", "tiny")
+    assert r.exit_code == 1 and "verify failed" in r.output and "read back 10 done rows" in r.output
+    for key, shard in damaged.items():
+        assert f"{key!r} (row {rows[key]}) in {shard} fails its checksum" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_verify_tolerance_is_relative_to_the_target_scale():
+    from precompute.build import VERIFY_RTOL, relative_error
+    rng = np.random.default_rng(0)
+    attn = rng.dirichlet(np.ones(196)).astype(np.float32)        # a B/16 map: values ~5e-3
+    moved = attn.copy()
+    j = int(np.abs(attn - 3e-3).argmin())                         # a patch of typical weight
+    moved[j] *= 1.48                                             # off by 48%
+    assert np.abs(moved - attn).max() < 2e-3                     # what the old absolute 2e-3 let through
+    assert relative_error(moved, attn) > 10 * VERIFY_RTOL
+    cos = rng.uniform(-0.2, 1.0, 19110).astype(np.float32)      # cosines, stored in fp16
+    assert relative_error(cos.astype(np.float16), cos) < VERIFY_RTOL / 5
+    assert relative_error(attn * (1 + 1e-4), attn) < VERIFY_RTOL / 10   # another machine's rounding
+
+
+def test_verify_recomputation_catches_a_stale_value_below_the_old_tolerance(tmp_path, dataset):
+    root, data, keys = dataset
+    cache = tmp_path / "cache"
+    build_cache(BuildConfig(teacher="tiny", random_init=True, cache=cache, data=data, image_root=root,
+                            num_workers=0), progress=False)
+    group = open_cache(cache)["tiny"]
+    row = group.index(keys[3])
+    attn = zarr.open_array(str(cache / "tiny" / "attention"), mode="r+")
+    stale = attn[row]
+    stale[stale.argmin()] += 1.5e-3                  # rewritten through zarr: its checksum is valid
+    attn[row] = stale
+    r = run_cli("verify", "--cache", cache, "--teacher", "tiny")        # integrity alone cannot know
+    assert r.exit_code == 0, r.output
+    for samples in ("10", "all"):
+        r = run_cli("verify", "--cache", cache, "--teacher", "tiny", "--samples", samples)
+        assert r.exit_code == 1 and "recomputed 10" in r.output, r.output
+        assert f"{keys[3]}: stored targets differ from a fresh teacher run" in r.output and "stale" in r.output
+        assert sum("differ from a fresh teacher run" in line for line in r.output.splitlines()) == 1

@@ -649,3 +649,117 @@ def test_image_root_is_that_of_the_last_build_that_wrote(tmp_path):
         with pytest.raises(CacheLockedError), refused.lock():
             pass
     assert open_cache(tmp_path / "c")["g"].metadata["image_root"] == "/data/b"   # not the refused build's
+
+
+# ----------------------------------------------------------------------------- checksums and damage
+
+
+def chunk_span(cache: Path, array: str, row: int, shard_size: int = 4, group: str = "unimed-b16"):
+    """(shard file, offset, nbytes) of a row's chunk, from the shard index (cache_schema.md, "Shards")."""
+    shard = cache / group / array / "c" / str(row // shard_size) / "0"
+    data = shard.read_bytes()
+    index = np.frombuffer(data[-(16 * shard_size + 4):-4], dtype="<u8").reshape(shard_size, 2)
+    offset, nbytes = (int(x) for x in index[row % shard_size])
+    return shard, offset, nbytes
+
+
+def flip(path: Path, at: int, mask: int = 0xFF):
+    data = bytearray(path.read_bytes())
+    data[at] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def test_the_crc32c_residue_checks_a_chunk_with_its_checksum():
+    import google_crc32c
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 1000, 40000):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        framed = data + google_crc32c.value(data).to_bytes(4, "little")   # what the crc32c codec appends
+        assert google_crc32c.value(framed) == cache_module.CRC32C_RESIDUE
+        if n:
+            assert google_crc32c.value(framed[:-1] + bytes([framed[-1] ^ 1])) != cache_module.CRC32C_RESIDUE
+
+
+@pytest.mark.parametrize("array,where,mask", [
+    ("similarity", "middle", 0xFF),    # one byte flipped in the middle of a similarity chunk
+    ("attention", "middle", 0x10),     # one bit of an attention chunk
+    ("attention", "last", 0x01),       # one bit of the stored checksum itself
+])
+def test_a_flipped_byte_or_bit_in_a_target_chunk_is_a_cache_error(built, array, where, mask):
+    cache, keys, sim, attn = built
+    shard, offset, nbytes = chunk_span(cache, array, 6)
+    flip(shard, offset + (nbytes // 2 if where == "middle" else nbytes - 1), mask)
+    group = open_cache(cache)["unimed-b16"]
+    with pytest.raises(CacheError) as e:
+        group.native_packed(keys[6])
+    msg = str(e.value)
+    assert "\n" not in msg and f"cache {cache}, group 'unimed-b16'" in msg and repr(keys[6]) in msg
+    assert str(shard) in msg and "fails its checksum" in msg and "rebuild the group" in msg
+    for i in (5, 7):                                   # the shard's other rows are intact and read as stored
+        s, a = group.native_packed(keys[i])
+        assert np.array_equal(s, sim[i]) and np.array_equal(a, attn[i])
+    with pytest.raises(ValueError, match="checksum"):  # stock zarr-python checks the same codec
+        zarr.open_array(str(cache / "unimed-b16" / array), mode="r")[6]
+    assert group.unchecked_arrays == []
+
+
+def test_caches_written_before_checksums_still_read(tmp_path, monkeypatch):
+    """The old layout (no crc32c codec) reads exactly, through the fast reader, and says
+    it is unchecked; damage that breaks decoding is a CacheError, not blosc's RuntimeError."""
+    monkeypatch.setattr(cache_module, "CHUNK_CHECKSUMS", False)
+    keys = keys_(10)
+    sim, attn = targets(10)
+    sim = np.round(sim.astype(np.float32), 1).astype(np.float16)   # compressible, like real cosines
+    write_all(GroupWriter.open(tmp_path / "old", "unimed-b16", keys, P, META, shard_size=4), sim, attn)
+    monkeypatch.undo()
+    meta = json.loads((tmp_path / "old" / "unimed-b16" / "similarity" / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]] == ["bytes", "blosc"]
+    group = open_cache(tmp_path / "old")["unimed-b16"]
+    assert group._similarity.fast and group.unchecked_arrays == ["similarity", "attention"]
+    for i, key in enumerate(keys):
+        s, a = group.native_packed(key)
+        assert np.array_equal(s, sim[i]) and np.array_equal(a, attn[i])
+    r = CliRunner().invoke(cache_cli, ["verify", "--cache", str(tmp_path / "old")], catch_exceptions=False)
+    assert r.exit_code == 0 and r.output.endswith("ok\n"), r.output
+    assert "note: similarity, attention of group unimed-b16 have no chunk checksums" in r.output
+    shard, offset, nbytes = chunk_span(tmp_path / "old", "similarity", 2)
+    data = bytearray(shard.read_bytes())
+    data[offset + 16:offset + nbytes] = b"\xff" * (nbytes - 16)     # the frame's body garbled, header kept
+    assert data[offset + 2] & 0x02 == 0                             # a compressed frame (not stored raw)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=rf"'{keys[2]}' \(row 2\) in {shard} is corrupt \(error during blosc"):
+        open_cache(tmp_path / "old")["unimed-b16"].native_packed(keys[2])
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_an_emptied_keys_chunk_is_a_cache_error_naming_it(tmp_path, monkeypatch, checksums):
+    monkeypatch.setattr(cache_module, "CHUNK_CHECKSUMS", checksums, raising=False)
+    GroupWriter.open(tmp_path / "c", "unimed-b16", keys_(5), P, META, shard_size=4)
+    monkeypatch.undo()
+    chunk = tmp_path / "c" / "unimed-b16" / "keys" / "c" / "0"
+    chunk.write_bytes(b"")                                          # a disk that lost the file's contents
+    with pytest.raises(CacheError, match=rf"cache group .*unimed-b16 is damaged: {chunk} cannot be decoded.*"
+                                         rf"rerun the `medalign-cache build`"):
+        open_cache(tmp_path / "c")["unimed-b16"]
+    r = CliRunner().invoke(cache_cli, ["info", "--cache", str(tmp_path / "c")], catch_exceptions=False)
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and len(r.output.splitlines()) == 1
+    assert str(chunk) in r.output and "Traceback" not in r.output
+
+
+def test_a_deleted_keys_chunk_is_an_error_not_an_empty_group(built):
+    cache = built[0]
+    (cache / "unimed-b16" / "keys" / "c" / "0").unlink()    # zarr reads a missing chunk as its fill: ""
+    with pytest.raises(CacheError, match=r"damaged: 10 rows from row 0 on hold results but have no key"):
+        open_cache(cache)["unimed-b16"]
+    for args in ([], ["--teacher", "unimed"]):
+        r = CliRunner().invoke(cache_cli, ["verify", "--cache", str(cache), *args], catch_exceptions=False)
+        assert r.exit_code == 1 and "have no key" in r.output and "0/0" not in r.output and "ok" not in r.output
+
+
+def test_a_missing_shard_file_or_chunk_is_a_cache_error_naming_it(built):
+    cache, keys, _, _ = built
+    shard = cache / "unimed-b16" / "attention" / "c" / "1" / "0"
+    shard.unlink()
+    with pytest.raises(CacheError, match=rf"group 'unimed-b16': the stored attention of '{keys[5]}' \(row 5\) in "
+                                         rf"{shard} is missing"):
+        open_cache(cache)["unimed-b16"].native_packed(keys[5])

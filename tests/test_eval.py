@@ -478,3 +478,51 @@ def test_eval_reads_the_test_split_of_an_r2gen_file(runs, tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "eval" / "annotation-val" / "metrics.json").read_text())
     assert m["data"]["split"] == "val" and m["n"] == 1
+
+
+def test_eval_and_pictures_refuse_a_run_killed_before_its_final_files(runs, tmp_path, monkeypatch):
+    """Killed after adapter/ and before alignment/: not a result. eval and pictures say
+    what is missing and how to finish it; --resume does, and then eval scores it."""
+    import distill.train as train_module
+    tmp, root, test = runs["tmp"], runs["root"], runs["test"]
+    out = tmp_path / "killed"
+    config = dict(cache=tmp / "cache", teacher="tiny", student="tiny", data=tmp / "train.json", image_root=root,
+                  out=out, layer=2, max_steps=2, batch_size=2, grad_accum=1, num_workers=0)
+    real = train_module.save_alignment
+
+    def killed_before_the_final_alignment(transform, path, **kw):
+        if Path(path).parent == out:
+            raise KeyboardInterrupt
+        return real(transform, path, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "save_alignment", killed_before_the_final_alignment)
+        with pytest.raises(KeyboardInterrupt):
+            train(RunConfig(**config), progress=False)
+    assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "alignment").exists()
+    for command, doing in ((["eval", "--data", test, "--image-root", root, "--workers", 0], "evaluate it"),
+                           (["pictures", "--data", test, "--image-root", root, "--out", tmp_path / "pics"],
+                            "draw its pictures")):
+        r = CliRunner().invoke(distill_cli, [*map(str, command), "--run", str(out)], catch_exceptions=False)
+        assert r.exit_code == 1 and r.output.count("Error:") == 1 and "Traceback" not in r.output
+        assert f"run {out} has not finished (finished.json is missing" in r.output
+        assert "after adapter/ and alignment/; missing too: alignment/;" in r.output
+        assert "it has no checkpoint yet" in r.output and f"with --resume, then {doing}" in r.output
+    assert not (out / "eval").exists() and not (tmp_path / "pics").exists()
+
+    train(RunConfig(**config, resume=True), progress=False)
+    _eval("--run", out, "--data", test, "--image-root", root, "--limit", 2, "--no-meteor")
+    metrics = json.loads((out / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["model"]["alignment"]["path"] == str(out / "alignment")
+
+
+def test_eval_refuses_a_prompt_longer_than_the_context_before_tokenising(tmp_path):
+    from distill.data import text_limit
+    from precompute.datasets import Record
+    em = load_medalign(student="tiny", home=tmp_path)
+    Image.new("L", (64, 64)).save(tmp_path / "x.png")
+    huge = Record("huge", ("x.png",), (("why? " * 200_000, "yes"),), "vqa")        # 1 MB of question
+    item = em.dataset([huge], tmp_path)[0]
+    assert "record 'huge': its question has 1,000,000 characters" in item["error"]
+    context = em.student.model.config.get_text_config().max_position_embeddings
+    assert f"more than the {text_limit(em.student.processor.tokenizer, context):,} that fit" in item["error"]

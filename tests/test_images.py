@@ -390,6 +390,25 @@ def test_broken_files_raise_image_error_naming_the_file(tmp_path, name):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("secret,kind", [(b"root:x:0:0:root:/root:/bin/bash\n", "16 bytes of text"),
+                                         (bytes(range(7, 40)), "16 bytes of binary data"),
+                                         ("k\u00e9y=s\u00e9cr\u00e8te\n".encode(), "bytes of text")])
+def test_a_non_image_is_described_never_echoed(tmp_path, secret, kind):
+    """An "image" that is a link to a secret (/etc/passwd): the error says what kind of
+    bytes the file starts with, never the bytes themselves."""
+    (tmp_path / "secret").write_bytes(secret)
+    (tmp_path / "scan.png").symlink_to(tmp_path / "secret")
+    with pytest.raises(ImageError) as info:
+        load_image(tmp_path / "scan.png")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'scan.png'}: not a readable image: not a known image format")
+    assert kind in message and "re-export or remove it" in message
+    told = message.replace(str(tmp_path / "scan.png"), "")         # what the message adds to the path
+    for n in (4, 6):
+        assert not any(secret[i:i + n].decode("latin-1") in told for i in range(len(secret) - n))
+        assert repr(secret[:n])[2:-1] not in told
+
+
 def test_decompression_bomb_is_refused_with_the_pixel_count(tmp_path, monkeypatch):
     path = tmp_path / "huge.png"
     Image.new("L", (100, 100)).save(path)

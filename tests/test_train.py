@@ -86,8 +86,11 @@ def test_losses_fall_and_run_directory(data):
         assert trained < untrained - 0.5 * abs(untrained), (term, trained, untrained)
     assert all(x["tokens_per_s"] > 0 and x["peak_memory_mb"] > 0 for x in rows)
     for name in ("config.json", "cache_metadata.json", "versions.json", "train.log", "loss_curves.png",
-                 "adapter/adapter_config.json", "alignment/alignment.safetensors"):
+                 "adapter/adapter_config.json", "alignment/alignment.safetensors", "run.lock"):
         assert (out / name).exists(), name
+    assert json.loads((out / "finished.json").read_text()) == {"step": 200, "adapter": "adapter",
+                                                                "alignment": "alignment"}
+    assert not list(out.glob("*.tmp*"))
     config = json.loads((out / "config.json").read_text())
     assert config["alpha"] == 1.0 and config["beta"] == 0.5 and config["layer"] == 2
     log = (out / "train.log").read_text()
@@ -179,7 +182,7 @@ def test_resume_equals_uninterrupted(data):
     # A crash right after the step-6 checkpoint leaves exactly this on disk:
     crashed = data["tmp"] / "crashed"
     shutil.copytree(full, crashed)
-    for name in ("adapter", "alignment", "loss_curves.png", "checkpoints/step-0000012"):
+    for name in ("finished.json", "adapter", "alignment", "loss_curves.png", "checkpoints/step-0000012"):
         shutil.rmtree(crashed / name, ignore_errors=True) if (crashed / name).is_dir() else \
             (crashed / name).unlink(missing_ok=True)
     lines = (crashed / "metrics.jsonl").read_text().splitlines()
@@ -253,6 +256,7 @@ def test_resume_without_a_checkpoint_keeps_each_step_once(data):
     first = metrics(out)
     for name in ("adapter", "alignment"):
         shutil.rmtree(out / name)
+    (out / "finished.json").unlink()
     assert not (out / "checkpoints").exists()
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "loss": 1.')
@@ -364,6 +368,14 @@ def test_defaults_follow_the_reference():
     ({"precision": "fp8"}, "precision"),
     ({"batch_size": 0}, "batch_size"),
     ({"lang": "fr"}, "lang must be one of"),
+    ({"eps": float("inf")}, "eps must be a finite number, got inf"),
+    ({"alpha": float("nan")}, "alpha must be a finite number, got nan"),
+    ({"lr": float("-inf")}, "lr must be a finite number"),
+    ({"layer": [1, 2]}, r"layer must be an integer, got \[1, 2\] \(list\)"),
+    ({"layer": 2.5}, "layer must be an integer"),
+    ({"pad_to_square": "yes"}, "pad_to_square must be true or false or null"),
+    ({"lora_targets": ["q_proj", 3]}, "lora_targets must be a list of strings or null"),
+    ({"lr": "1e-3"}, "write 1.0e-3"),
 ])
 def test_config_validation(change, message):
     base = dict(cache="c", teacher="t", student="tiny", data="d", image_root="i", out="o")
@@ -488,3 +500,207 @@ def test_rebuild_command_for_an_exported_h5_cache_builds_a_zarr_cache(tmp_path):
     command = rebuild_command(config, group)
     assert f"--cache {tmp_path / 'cache'} " in command + " " and ".h5" not in command
     assert command.endswith("--pad-to-square")
+
+
+# ----------------------------------------------------------------------------- nothing wrong reaches training
+
+
+def test_a_damaged_target_stops_training_with_its_one_line(data, tmp_path):
+    import shutil
+
+    from tests.test_cache import chunk_span, flip
+    from precompute.cache import open_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(data["cache"], cache)
+    group = open_cache(cache)["tiny"]
+    row = group.index("scan_05.png")
+    shard, offset, nbytes = chunk_span(cache, "similarity", row, group.shard_size, group="tiny")
+    flip(shard, offset + nbytes // 2)
+    out = tmp_path / "run"
+    r = run(data, out, "--max-steps", 4, "--cache", cache)       # one epoch: every sample is read
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.count("Error:") == 1 and "'scan_05.png'" in r.output and str(shard) in r.output
+    assert "fails its checksum" in r.output and f"cache {cache}, group 'tiny'" in r.output
+    assert not (out / "finished.json").exists() and not (out / "adapter").exists()
+
+
+def test_one_writer_per_run_directory(data, tmp_path, monkeypatch):
+    """A second run (or --resume) on a folder a running run writes is refused, naming
+    the writer's pid, before it writes anything."""
+    import distill.train as train_module
+    from distill.rundir import RunDirError
+    out = tmp_path / "run"
+    refused = []
+    save = train_module.save_checkpoint
+
+    def save_and_start_two_more(*args, **kwargs):
+        for changes in ({"lr": 1e-2}, {"resume": True}):         # while the first run is at step 2
+            with pytest.raises(RunDirError) as e:
+                train_module.train(config_for(data, out, max_steps=4, **changes), progress=False)
+            refused.append(str(e.value))
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_start_two_more)
+    train_module.train(config_for(data, out, max_steps=4, save_every=2), progress=False)
+    assert len(refused) == 2
+    for message in refused:
+        assert f"another `medalign-distill run` is writing {out} (pid {os.getpid()}" in message
+    assert json.loads((out / "config.json").read_text())["lr"] == 3e-3      # the first run's, alone
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+    # the same through the CLI, with the folder held by another process
+    held = tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom distill.rundir import run_lock\n"
+                               f"with run_lock({str(held)!r}):\n    print('locked', flush=True)\n    sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ([], ["--resume"]):
+            r = run(data, held, "--max-steps", 1, *extra)
+            assert r.exit_code == 1 and r.output.count("Error:") == 1 and "Traceback" not in r.output
+            assert f"is writing {held} (pid {holder.pid}, lock {held / 'run.lock'})" in r.output
+        assert [p.name for p in held.iterdir()] == ["run.lock"]          # nothing else written
+    finally:
+        holder.communicate("")
+
+
+@pytest.mark.parametrize("flags,yaml_text,message", [
+    (["--eps", "inf", "--layer", "2"], None, "invalid run config: eps must be a finite number, got inf"),
+    (["--alpha", "nan", "--layer", "2"], None, "invalid run config: alpha must be a finite number, got nan"),
+    ([], "layer: [1, 2]\n", "run.yaml (with the flags given): invalid run config: layer must be an integer, "
+                            "got [1, 2] (list)"),
+    ([], "beta: 0.1\nalpha: [oops\n", "run.yaml: not valid YAML (line 3, column 1: expected ',' or ']'"),
+])
+def test_bad_settings_are_one_line_before_any_work(data, tmp_path, flags, yaml_text, message):
+    if yaml_text is not None:
+        (tmp_path / "run.yaml").write_text(yaml_text)
+        flags = ["--config", tmp_path / "run.yaml"]
+    out = tmp_path / "run"
+    args = ["run", "--cache", data["cache"], "--teacher", "tiny", "--student", "tiny", "--data", data["train"],
+            "--image-root", data["root"], "--out", out, "--max-steps", 2, "--workers", 0, "--quiet", *flags]
+    r = CliRunner().invoke(distill_cli, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.startswith("Error: ") and message in r.output and len(r.output.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_check_finite():
+    from distill.train import RunError, check_finite
+    check_finite({"ntp": 1.0, "vis": 0.0, "grad_norm": 3e38}, 7, ["a"])
+    with pytest.raises(RunError, match=r"non-finite vis = nan, att = inf at step 7 \(samples 'a', 'b'\)"):
+        check_finite({"ntp": 1.0, "vis": float("nan"), "att": float("inf")}, 7, ["a", "b"])
+    with pytest.raises(RunError, match=r"samples 's0', .*'s7' and 2 more\)"):
+        check_finite({"ntp": float("-inf")}, 1, [f"s{i}" for i in range(10)])
+
+
+def test_a_nan_loss_stops_the_run_naming_step_samples_and_checkpoint(data, tmp_path, monkeypatch):
+    import distill.train as train_module
+    from safetensors.torch import load_file
+    calls = []
+    real = train_module.attention_distill_loss
+
+    def nan_in_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_module, "attention_distill_loss", nan_in_step_3)
+    out = tmp_path / "run"
+    r = run(data, out, "--max-steps", 6, "--save-every", 2)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    step3 = [f"q{i}" for i in train_module.micro_batches(16, 4, 0, 0)[2]]
+    assert f"non-finite att = nan at step 3 (samples {', '.join(map(repr, step3))})" in r.output
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'step-0000002'} (step 2)" in r.output
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert all(torch.isfinite(t).all() for t in
+               load_file(out / "checkpoints" / "step-0000002" / "adapter" / "adapter_model.safetensors").values())
+    assert not (out / "finished.json").exists()
+    assert "non-finite att = nan at step 3" in (out / "train.log").read_text()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_resumable(data, tmp_path, monkeypatch):
+    import errno
+
+    import distill.train as train_module
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def disk_full_in_step_4(obj, f, *args, **kwargs):
+        if "step-0000004" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module.torch, "save", disk_full_in_step_4)
+        r = run(data, out, "--max-steps", 6, "--save-every", 2)
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.output.count("Error:") == 1, r.output
+    line = r.output.splitlines()[0]
+    assert line.startswith(f"Error: training stopped at step 4: {out / 'checkpoints' / 'step-0000004.tmp'}")
+    assert line.endswith(": No space left on device; free space or move the run to a larger disk")
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'step-0000002'} (step 2)" in r.output
+    assert "No space left on device" in (out / "train.log").read_text()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]   # no half-written one
+    r = run(data, out, "--max-steps", 6, "--save-every", 2, "--resume")
+    assert r.exit_code == 0, r.output
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6] and (out / "finished.json").is_file()
+
+
+def test_a_half_written_tiny_student_never_blocks_a_rerun(data, tmp_path, monkeypatch):
+    import errno
+
+    import distill.student as student_module
+    import distill.train as train_module
+    real = student_module.make_tiny_student
+
+    def disk_full_after_the_weights(out_dir, seed=0):
+        real(out_dir, seed=seed)
+        for f in Path(out_dir).iterdir():         # as if the processor's files never made it
+            if f.name not in ("config.json", "model.safetensors"):
+                f.unlink()
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(out_dir) / "tokenizer.json"))
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(student_module, "make_tiny_student", disk_full_after_the_weights)
+        m.setattr(train_module, "make_tiny_student", disk_full_after_the_weights, raising=False)
+        r = run(data, out, "--max-steps", 2)
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.output.count("Error:") == 1, r.output
+    assert "tokenizer.json: No space left on device; free space" in r.output and "--resume" in r.output
+    assert not [p.name for p in out.iterdir() if p.name.startswith("tiny-student")]
+    r = run(data, out, "--max-steps", 2, "--resume")
+    assert r.exit_code == 0, r.output
+    assert (out / "finished.json").is_file()
+
+
+def test_a_huge_text_field_is_cut_or_refused_before_tokenisation(data, tmp_path):
+    """A 4 MB question is refused and a 4 MB answer cut by characters, before the
+    tokenizer sees them: memory stays far below the text's size (tokenising it whole
+    took 22.7 GB for a 200 MB line). A cut answer gives exactly the tokens of the
+    uncut one truncated to max_length."""
+    import tracemalloc
+
+    from distill.data import DistillDataset
+    from distill.student import make_tiny_student
+    from precompute.datasets import Record
+    student = load_student(str(make_tiny_student(tmp_path / "s")))
+    proc, V = student.processor, student.num_visual_tokens
+    big = "the lesion is small and round. " * (4 * 2**20 // 31)
+    records = [Record("huge-question", ("scan_00.png",), ((big, "top"),), "vqa"),
+               Record("huge-answer", ("scan_00.png",), (("Where is the bright spot?", big),), "vqa")]
+    dataset = DistillDataset(records, data["root"], proc, V, 128, None, False)
+    tracemalloc.start()
+    try:
+        refused, cut = dataset[0], dataset[1]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(big) / 8, peak
+    from distill.data import text_limit
+    assert "record 'huge-question': its question has 4,194," in refused["error"]
+    assert f"more than the {text_limit(proc.tokenizer, 128):,} that fit in the student's" in refused["error"]
+    assert len(cut["input_ids"]) == 128
+    # against the uncut text, where tokenising it whole is cheap: the same tokens
+    limit = text_limit(proc.tokenizer, 128)
+    long = Record("long", ("scan_00.png",), (("Where is the bright spot?", big[:3 * limit]),), "vqa")
+    whole = encode(proc, long, V, 128)
+    assert (cut["input_ids"], cut["labels"]) == (whole.input_ids, whole.labels)
