@@ -1,6 +1,6 @@
 """One frozen, validated config per training run, saved next to its outputs.
 
-Defaults follow the reference recipe (METHOD.md): layer 20, alpha 1.0, beta 0.03,
+Defaults follow the reference recipe (docs/method.md): layer 20, alpha 1.0, beta 0.03,
 LoRA r 32 / alpha 16 / dropout 0.05 on the language model, lr 2e-4 cosine with 3%
 warmup, no weight decay, effective batch 32, max length 1024, 9 epochs (the low end
 of the reference's 9-12).

@@ -1,7 +1,7 @@
 """The student: a LLaVA-style model (vision tower + projector + decoder LLM), with
 LoRA on the language model, MedAlign's alignment transform and a one-layer attention tap.
 
-What METHOD.md asks of the student, and how it is done here:
+What docs/method.md asks of the student, and how it is done here:
 - `AlignmentTransform`: X~ = X + eps * X W^T on the visual tokens' hidden states at
   decoder layer index `layer - 1`, W zero-initialised so training starts exactly at
   the base model. It is applied by a forward hook on that decoder layer.
@@ -367,7 +367,7 @@ def load_adapter(model, adapter_dir) -> nn.Module:
 # ----------------------------------------------------------------------------- alignment transform
 
 class AlignmentTransform(nn.Module):
-    """X~ = X + eps * X W^T on [..., D] hidden states (METHOD.md).
+    """X~ = X + eps * X W^T on [..., D] hidden states (docs/method.md).
 
     Full W [D, D] zero-initialised, or with `rank` r: W = B A, A [r, D] randomly
     initialised and B [D, r] zero (LoRA-style), so either way the transform starts as

@@ -1,6 +1,6 @@
 """Stage two: LoRA fine-tuning of a LLaVA-style student with MedAlign's losses.
 
-    L = L_ntp + alpha * L_vis + beta * L_att        (METHOD.md)
+    L = L_ntp + alpha * L_vis + beta * L_att        (docs/method.md)
 
 The teacher is never loaded: its targets stream from the cache at their native
 grid and are resized to the student's grid on the device. A run directory holds
@@ -351,7 +351,7 @@ def batch_stream(dataset, collate, config: RunConfig, start_micro: int, pin: boo
 
 
 def teacher_targets_on_device(batch, grid: int, native_grid: int, device, need_sim: bool, need_attn: bool):
-    """Native-grid cache targets -> METHOD.md's S_t [B,V,V], a_t [B,V] at the student grid."""
+    """Native-grid cache targets -> docs/method.md's S_t [B,V,V], a_t [B,V] at the student grid."""
     R = bilinear_matrix(native_grid, grid).to(device)
     sim = attn = None
     if need_sim:

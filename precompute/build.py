@@ -312,8 +312,6 @@ def check_integrity(g, report: VerifyReport) -> None:
     """Without the teacher: the group's structure (metadata, array shapes against keys and
     status) and every stored chunk of every done row (checksum, decode, finite values,
     a positive attention map: what the writer promised). Adds to report.problems."""
-    import zarr
-
     md, P = g.metadata, g.num_patches
     for name in ("teacher", "recipe", "num_patches", "shard_size", "preprocessing"):
         if md.get(name) is None:
@@ -322,18 +320,7 @@ def check_integrity(g, report: VerifyReport) -> None:
         report.problems.append(f"metadata: num_patches {P} is not a square patch grid")
     if report.total == 0:
         report.problems.append(f"group {g.name!r} ({g.path}) holds no keys: nothing to train on; rebuild it")
-    for name, width in (("similarity", P * (P - 1) // 2), ("attention", P)):
-        try:
-            arr = zarr.open_array(str(g.path / name), mode="r")
-        except (OSError, ValueError) as e:
-            report.problems.append(f"{g.path / name}: cannot open ({type(e).__name__}: {e})")
-            continue
-        if arr.ndim != 2 or arr.shape[0] < report.total or arr.shape[1] != width:
-            report.problems.append(f"{g.path / name} has shape {arr.shape}, expected ({report.total}+, {width}) "
-                                   f"for {report.total} keys and {P} patches")
-        elif arr.shards is not None and arr.shards[0] != g.shard_size:
-            report.problems.append(f"{g.path / name} has shards of {arr.shards[0]} rows, the metadata says "
-                                   f"{g.shard_size}")
+    report.problems += g.structure_problems()
     report.unchecked_arrays = g.unchecked_arrays
     if report.problems:
         return  # reading rows of a mis-shaped group would only repeat the problem

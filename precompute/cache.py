@@ -1058,12 +1058,30 @@ class TeacherGroup:
         return unpack_upper(torch.from_numpy(sim).float(), self.num_patches), torch.from_numpy(attn)
 
     def targets(self, key: str, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """METHOD.md's (S_t [G*G, G*G], a_t [G*G]) for a student with a grid x grid token map."""
+        """docs/method.md's (S_t [G*G, G*G], a_t [G*G]) for a student with a grid x grid token map."""
         R = bilinear_matrix(self.native_grid, grid)  # first: it validates grid
         sim, attn = self.native(key)
         # On the native grid R = I and the resize returns S unchanged: skip the matmuls.
         sim_t = sim if grid == self.native_grid else resize_similarity(sim, R)
         return sim_t, resize_attention(attn, R)
+
+    def structure_problems(self) -> list[str]:
+        """What is wrong with the target arrays against the keys and metadata (for verify):
+        shapes that do not fit the keys and patch count, shards of another size."""
+        P, n, problems = self.num_patches, len(self._keys), []
+        for name, width in (("similarity", P * (P - 1) // 2), ("attention", P)):
+            try:
+                arr = zarr.open_array(str(self.path / name), mode="r")
+            except (OSError, ValueError) as e:
+                problems.append(f"{self.path / name}: cannot open ({type(e).__name__}: {e})")
+                continue
+            if arr.ndim != 2 or arr.shape[0] < n or arr.shape[1] != width:
+                problems.append(f"{self.path / name} has shape {arr.shape}, expected ({n}+, {width}) "
+                                f"for {n} keys and {P} patches")
+            elif arr.shards is not None and arr.shards[0] != self.shard_size:
+                problems.append(f"{self.path / name} has shards of {arr.shards[0]} rows, the metadata says "
+                                f"{self.shard_size}")
+        return problems
 
     @property
     def unchecked_arrays(self) -> list[str]:

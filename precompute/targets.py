@@ -1,4 +1,4 @@
-"""MedAlign's teacher targets as pure tensor functions (METHOD.md, "Teacher targets").
+"""MedAlign's teacher targets as pure tensor functions (docs/method.md, "Teacher targets").
 
 The cache stores a teacher's targets at its NATIVE patch grid g; a student with grid G
 gets them through one exact linear resize at read time:
@@ -96,7 +96,7 @@ def bilinear_matrix(src_grid: int, dst_grid: int) -> torch.Tensor:
 def resize_similarity(sim: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """Native cosine matrix S [..., P, P] -> the student-grid S_t [..., Q, Q] (float32).
 
-    METHOD.md: the reference resizes the normalised features F (F_up = R F), re-normalises
+    docs/method.md: the reference resizes the normalised features F (F_up = R F), re-normalises
     and takes cosines, i.e. S_t = D^-1/2 (R S R^T) D^-1/2 with D = diag(R S R^T).
     The norm is clamped at 1e-12 like F.normalize's. With R = I this returns S unchanged.
     """

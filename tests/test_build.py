@@ -1,5 +1,5 @@
 """Stage one end to end: the real CLI over real files, checked against an
-independent computation of METHOD.md's recipe, killed and resumed."""
+independent computation of docs/method.md's recipe, killed and resumed."""
 
 import errno
 import fcntl
@@ -66,7 +66,7 @@ def run_cli(*args):
 
 
 def independent_targets(teacher, pixels: torch.Tensor, grid: int):
-    """METHOD.md's reference recipe, computed without our target code: blocks run
+    """docs/method.md's reference recipe, computed without our target code: blocks run
     one by one, the last block's attention taken from nn.MultiheadAttention itself,
     the token grid resized directly (the reference's way, not our matrix way)."""
     visual = teacher.model if hasattr(teacher, "model") else teacher.visual
@@ -115,7 +115,7 @@ def test_cli_build_matches_independent_recipe(tmp_path, dataset, teacher, grid):
             sim_ref, attn_ref = independent_targets(t, pixels, grid)
             sim, attn = group.targets(key, grid=grid)
             assert sim.shape == (grid * grid, grid * grid) and attn.shape == (grid * grid,)
-            # fp16 storage of the native matrix is the only loss (METHOD.md: ~3e-4)
+            # fp16 storage of the native matrix is the only loss (docs/method.md: ~3e-4)
             assert torch.allclose(sim, sim_ref[0], atol=2e-3), (sim - sim_ref[0]).abs().max()
             assert torch.allclose(attn, attn_ref[0], atol=1e-5, rtol=1e-4)
 

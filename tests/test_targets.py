@@ -1,4 +1,4 @@
-"""precompute.targets: the stored-at-native-grid path must reproduce METHOD.md's
+"""precompute.targets: the stored-at-native-grid path must reproduce docs/method.md's
 reference recipe (interpolate the feature map, re-normalise, cosine)."""
 
 import pytest

@@ -352,7 +352,7 @@ def test_config_file_with_flag_override(data, tmp_path):
 
 
 def test_defaults_follow_the_reference():
-    """METHOD.md's recipe: layer 20, alpha 1, beta 0.03, LoRA 32/16/0.05, lr 2e-4 cosine
+    """docs/method.md's recipe: layer 20, alpha 1, beta 0.03, LoRA 32/16/0.05, lr 2e-4 cosine
     with 3% warmup, no weight decay, effective batch 32, max length 1024, 9-12 epochs."""
     c = RunConfig(cache="c", teacher="t", student="tiny", data="d", image_root="i", out="o")
     assert (c.layer, c.alpha, c.beta, c.eps) == (20, 1.0, 0.03, 1.0)
