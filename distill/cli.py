@@ -24,12 +24,16 @@ USER_ERRORS = (CacheError, DatasetError, ImageError, KeyError, ValueError, FileN
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
-    """Fine-tune a LLaVA-style student with LoRA and MedAlign's distillation losses.
+    """Fine-tune a LLaVA-style student with LoRA and MedAlign's distillation losses, then use it.
 
     \b
+    medalign-distill convert --model ~/llava-med-v1.5-mistral-7b --vision-tower ~/clip-vit-large-patch14-336 \\
+        --out ~/models/llava-med-hf                                # once: the original format -> transformers
     medalign-distill run --cache ./cache --teacher unimed --student ~/models/llava-med-hf \\
         --data train.json --image-root images/ --out runs/unimed-l20 --layer 20 --alpha 1 --beta 0.03
     medalign-distill run ... --out runs/no-attn --beta 0      # ablation: same cache, no teacher run
+    medalign-distill eval --run runs/unimed-l20 --data test.json --image-root images/
+    medalign-distill compare runs/*            # and: pictures, predict, export
 
     The teacher is never loaded: its targets stream from the cache built by
     `medalign-cache build`.
