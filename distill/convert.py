@@ -56,6 +56,9 @@ from .templates import CHAT_TEMPLATES
 
 IMAGE_TOKEN = "<image>"
 FORMAT_VERSION = 1
+# Weights held in memory before an output file is written: the conversion's peak is
+# about twice this (the tensors and safetensors' serialisation), not the model's size.
+OUT_SHARD_BYTES = 2 * 2**30
 
 
 class ConvertError(ValueError):
@@ -351,25 +354,35 @@ def convert(model: Path, out: Path, vision_tower: Path | None = None, chat_templ
     tmp.mkdir(parents=True)
     try:
         weight_map: dict[str, str] = {}
-        total = 0
+        files_out: list[Path] = []
+        written = [0]  # bytes of weights written (the index's total_size)
         tower_from_clip = kind.tower_weights == "clip_folder"
         clip_tower = _clip_tower_if_any(clip_dir, required=tower_from_clip)
         checkpoint_tower: dict[str, torch.Tensor] = {}
-        n_out = len(files) + (1 if tower_from_clip else 0)
+        pending: dict[str, torch.Tensor] = {}
         bar = tqdm(total=_file_bytes(files), unit="B", unit_scale=True, desc="convert", disable=not progress,
                    dynamic_ncols=True)
 
-        def write(tensors: dict, index: int):
-            nonlocal total
+        def flush():
+            """Write the pending tensors as the next output file (at most ~OUT_SHARD_BYTES of
+            weights in memory at a time, whatever the source's shard size)."""
             from safetensors.torch import save_file
-            name = f"model-{index:05d}-of-{n_out:05d}.safetensors"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name), metadata={"format": "pt"})
-            for k, v in tensors.items():
-                weight_map[k] = name
-                total += v.numel() * v.element_size()
+            if pending:
+                files_out.append(tmp / f"part-{len(files_out):05d}.safetensors")
+                save_file({k: v.contiguous() for k, v in pending.items()}, str(files_out[-1]),
+                          metadata={"format": "pt"})
+                weight_map.update({k: files_out[-1].name for k in pending})
+                written[0] += sum(t.numel() * t.element_size() for t in pending.values())
+                pending.clear()
 
-        for i, path in enumerate(files, start=1):
-            shard = {}
+        def add(key: str, tensor: torch.Tensor, where: Path):
+            if key in pending or key in weight_map:
+                raise ConvertError(f"{where}: weight {key!r} appears twice in the checkpoint")
+            pending[key] = tensor
+            if sum(t.numel() * t.element_size() for t in pending.values()) >= OUT_SHARD_BYTES:
+                flush()
+
+        for path in files:
             for name, tensor in iter_tensors(path):
                 key = _map_key(name, kind)
                 if key is None:
@@ -378,19 +391,20 @@ def convert(model: Path, out: Path, vision_tower: Path | None = None, chat_templ
                     checkpoint_tower[key] = tensor
                     if tower_from_clip:
                         continue  # LLaVA-Med's loader never reads this copy
-                if key in _EMBEDDINGS:
-                    tensor = _grow_rows(tensor, vocab)
-                if key in shard or key in weight_map:
-                    raise ConvertError(f"{path}: weight {name!r} appears twice in the checkpoint")
-                shard[key] = tensor
-            write(shard, i)
+                add(key, _grow_rows(tensor, vocab) if key in _EMBEDDINGS else tensor, path)
             bar.update(path.stat().st_size)
-        if tower_from_clip:
-            write(clip_tower, n_out)
+        for key, tensor in (clip_tower.items() if tower_from_clip else ()):
+            add(key, tensor, clip_dir)
+        flush()
         bar.close()
+        # transformers' shard names, now that their number is known
+        names = {f.name: f"model-{i + 1:05d}-of-{len(files_out):05d}.safetensors" for i, f in enumerate(files_out)}
+        for f in files_out:
+            f.rename(tmp / names[f.name])
+        weight_map = {k: names[v] for k, v in weight_map.items()}
 
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+            {"metadata": {"total_size": written[0]}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
         config.save_pretrained(tmp)
         _check_loads(tmp, model, kind, bool(checkpoint_tower))
 
