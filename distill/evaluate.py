@@ -56,6 +56,7 @@ from precompute.datasets import Record, load_records, resolve_image
 
 from . import metrics as M
 from .data import DistillDataset, split_errors
+from .precision import DTYPES, autocast, resolve_precision
 from .student import (DistillTap, Student, StudentError, load_adapter, load_alignment, load_student,
                       make_tiny_student, student_geometry)
 
@@ -79,8 +80,12 @@ class EvalModel:
     kind: str                    # "trained" | "base"
     pad_to_square: bool
     device: torch.device
-    bf16: bool
+    precision: str               # "bf16" | "fp16" | "fp32" (resolved: distill.precision)
     info: dict = field(default_factory=dict)   # what was loaded, for metrics.json
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -123,12 +128,15 @@ def _student_dir(student: str, home: Path, seed: int = 0) -> Path:
 
 
 def load_for_eval(run=None, *, student: str | None = None, base_only: bool = False, home=None,
-                  device: str = "auto", precision: str = "auto", pad_to_square: bool | None = None) -> EvalModel:
+                  device: str = "auto", precision: str = "auto", pad_to_square: bool | None = None,
+                  quantize: str | None = "run") -> EvalModel:
     """The model to evaluate. With `run`: its base student, plus (unless base_only) its
-    adapter and alignment transform. Without: `student` (a path or "tiny", built in `home`)."""
+    adapter and alignment transform. Without: `student` (a path or "tiny", built in `home`).
+    quantize: "run" stores the language model as the run trained it (config.json; none
+    without a run), or "none" / None, "4bit", "8bit"."""
     dev = _device(device)
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    precision = resolve_precision(precision, dev)
+    dtype = DTYPES[precision]
     info: dict = {}
     if run is not None:
         run = Path(run)
@@ -139,6 +147,8 @@ def load_for_eval(run=None, *, student: str | None = None, base_only: bool = Fal
         base_dir = _student_dir(config["student"], run, seed=int(config.get("seed", 0)))
         pad = run_pad_to_square(run, config) if pad_to_square is None else pad_to_square
         info.update(run=str(run), student=config["student"])
+        if quantize == "run":
+            quantize = config.get("quantize")
     else:
         if student is None:
             raise EvalError("give --run RUN (a trained run) or --student PATH_OR_tiny with --out DIR (a base model)")
@@ -148,8 +158,10 @@ def load_for_eval(run=None, *, student: str | None = None, base_only: bool = Fal
         pad = pad_to_square if pad_to_square is not None else bool(student_geometry(str(base_dir)))
         info.update(student=student)
     info["student_path"] = str(base_dir)
+    quantize = None if quantize in ("run", "none") else quantize
+    info["quantize"] = quantize
     loaded = load_student(str(base_dir), dtype=dtype, device=str(dev),
-                          chat_template=config.get("chat_template") if run is not None else None)
+                          chat_template=config.get("chat_template") if run is not None else None, quantize=quantize)
     tap = None
     if base_only:
         kind = "base"
@@ -171,7 +183,7 @@ def load_for_eval(run=None, *, student: str | None = None, base_only: bool = Fal
                                  "rank": transform.rank}
     loaded.model.eval()
     info["pad_to_square"] = pad
-    return EvalModel(loaded, tap, kind, pad, dev, bf16, info)
+    return EvalModel(loaded, tap, kind, pad, dev, precision, info)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -237,7 +249,7 @@ def generate_batch(em: EvalModel, batch, *, num_beams: int = 1, max_new_tokens: 
                          batch["query_mask"].repeat_interleave(num_beams, 0).to(dev))
     input_ids = batch["input_ids"].to(dev)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=em.bf16):
+    with autocast(dev, em.precision):
         out = s.model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(dev),
                                pixel_values=batch["pixel_values"].to(dev, dtype=s.model.dtype),
                                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
@@ -406,7 +418,7 @@ def evaluate(data, image_root, *, run=None, student: str | None = None, out=None
              max_new_tokens: int = 64, batch_size: int = 8, limit: int | None = None, device: str = "auto",
              precision: str = "auto", pad_to_square: bool | None = None, num_workers: int = 0,
              meteor: bool = True, on_error: str = "fail", name: str | None = None, progress: bool = True,
-             model: EvalModel | None = None) -> Path:
+             model: EvalModel | None = None, quantize: str | None = "run") -> Path:
     """Generate for every record of `data` and write predictions.jsonl + metrics.json
     (+ skipped.jsonl). Returns the output directory. `model` reuses a loaded EvalModel."""
     if num_beams < 1 or max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
@@ -424,7 +436,7 @@ def evaluate(data, image_root, *, run=None, student: str | None = None, out=None
                         f"check --image-root")
     home = Path(out) if out is not None else None
     em = model or load_for_eval(run, student=student, base_only=base_only, home=home, device=device,
-                                precision=precision, pad_to_square=pad_to_square)
+                                precision=precision, pad_to_square=pad_to_square, quantize=quantize)
 
     dest.mkdir(parents=True, exist_ok=True)
     # Results of an earlier evaluation must not sit next to this one's partial predictions.
@@ -447,7 +459,7 @@ def evaluate(data, image_root, *, run=None, student: str | None = None, out=None
                  "on_error": on_error, "samples": len(records), "skipped": len(skipped)},
         "generation": {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                        "do_sample": False, "kv_cache": True, "padding": "left",
-                       "precision": "bf16" if em.bf16 else "fp32", "device": str(em.device),
+                       "precision": em.precision, "device": str(em.device),
                        "seconds": gen.seconds, "new_tokens": gen.new_tokens},
         **score_predictions(gen.rows, meteor=meteor),
         "versions": _versions(),

@@ -66,6 +66,7 @@ from precompute.datasets import Record, load_records
 from .config import RunConfig
 from .data import DistillDataset, make_collate
 from .evaluate import run_pad_to_square
+from .precision import DTYPES, resolve_precision
 from .student import (AlignmentTransform, DistillTap, StudentError, load_adapter, load_alignment,
                       load_student, make_tiny_student)
 
@@ -382,12 +383,12 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
 
     # ---- the student, before and after
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and dev.type == "cuda")
+    precision = resolve_precision(config.precision, dev)
     student_path = Path(config.student) if config.student != "tiny" else run / "tiny-student"
     if config.student == "tiny" and not (student_path / "config.json").is_file():
         make_tiny_student(student_path, seed=config.seed)
-    student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32, device=str(dev),
-                           chat_template=config.chat_template)
+    student = load_student(str(student_path), dtype=DTYPES[precision], device=str(dev),
+                           chat_template=config.chat_template, quantize=config.quantize)  # as the run trained
     if student.num_layers <= config.layer:
         raise PicturesError(f"layer {config.layer} of the run does not exist in {student_path}")
     pad = run_pad_to_square(run, config.to_dict())  # the geometry the run trained with
