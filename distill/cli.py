@@ -17,6 +17,7 @@ from precompute.datasets import LANGUAGES, DatasetError
 from precompute.images import ImageError
 
 from .config import RunConfig, load_config_file
+from .precision import PRECISIONS, QUANTIZE
 from .templates import CHAT_TEMPLATES
 
 USER_ERRORS = (CacheError, DatasetError, ImageError, KeyError, ValueError, FileNotFoundError)
@@ -101,12 +102,19 @@ def _opt(*names, **kw):
 @_opt("--grad-accum", type=int, help="Micro-batches per optimiser step [8].")
 @_opt("--max-length", type=int, help="Token limit per sample [1024].")
 @_opt("--gradient-checkpointing/--no-gradient-checkpointing", help="[on for CUDA].")
-@_opt("--precision", type=click.Choice(["auto", "bf16", "fp32"]), help="[auto: bf16 on CUDA].")
+@_opt("--precision", type=click.Choice(PRECISIONS),
+      help="[auto: bf16 on GPUs that have it, else fp16 with a loss scaler; fp32 on CPU].")
+@_opt("--quantize", type=click.Choice(["none", *QUANTIZE]),
+      help="Store the language model 4-bit (QLoRA: NF4, double quantisation) or 8-bit with bitsandbytes; "
+           "LoRA trains on top [none]. Needs pip install \"medalign[quant]\".")
 @_opt("--device", help="[auto].")
 @_opt("--workers", "num_workers", type=int, help="DataLoader workers [2].")
 @_opt("--seed", type=int, help="[0].")
 @_opt("--save-every", type=int, help="Checkpoint every N steps [500].")
 @_opt("--log-every", type=int, help="[10].")
+@_opt("--report-to", metavar="none|tensorboard|wandb",
+      help="Live tracking, comma-separated (tensorboard,wandb): every metrics.jsonl row while training runs; "
+           "wandb offline unless WANDB_MODE is set [none].")
 @click.option("--resume", is_flag=True, default=False, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
 def run(config_file, quiet, **flags):
@@ -211,7 +219,11 @@ def convert(model_dir, vision_tower, out, chat_template, quiet):
               help="An .npz of region masks per image key: also score the share of the student's attention "
                    "inside them (metrics.json 'grounding').")
 @click.option("--layer", type=int, default=None, help="Decoder layer read for --masks [the run's].")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.")
+@click.option("--quantize", type=click.Choice(["run", "none", *QUANTIZE]), default="run", show_default=True,
+              help="How to store the language model: as the run trained it (its config.json), or unquantized "
+                   "(a quantized run's adapter loads on the 16-bit base too), 4-bit, 8-bit [none without --run].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", "num_workers", default=2, show_default=True, help="Image-loading workers.")
 @click.option("--quiet", is_flag=True, default=False, help="No progress bar.")

@@ -26,7 +26,7 @@ from pathlib import Path
 from .evaluate import headline
 
 # Fields that say how a run was bookkept, not what was trained.
-IGNORED_FIELDS = ("out", "resume", "num_workers", "log_every", "save_every")
+IGNORED_FIELDS = ("out", "resume", "num_workers", "log_every", "save_every", "report_to")
 # closed_acc_medalign and open_recall are the paper's VQA columns (MedAlign's run_eval.py rules).
 METRIC_COLUMNS = ("closed_acc_medalign", "open_recall", "closed_acc", "closed_acc_llava_med", "vqa_overall",
                   "grounding", "grounding_chance",

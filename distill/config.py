@@ -21,7 +21,9 @@ from typing import Any
 from precompute.cache import is_url
 from precompute.datasets import LANGUAGES
 
+from .precision import PRECISIONS, QUANTIZE
 from .templates import CHAT_TEMPLATES
+from .tracking import TRACKERS
 
 
 @dataclass(frozen=True)
@@ -63,18 +65,26 @@ class RunConfig:
     grad_accum: int = 8              # effective batch = batch_size * grad_accum (reference: 32)
     max_length: int = 1024
     gradient_checkpointing: bool | None = None   # None: on for CUDA, off on CPU
-    precision: str = "auto"          # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    precision: str = "auto"          # "auto" (bf16 on CUDA where supported, else fp16; fp32 on CPU) | bf16 | fp16 | fp32
+    quantize: str | None = None      # None | "4bit" (QLoRA: NF4 + double quantisation) | "8bit"; distill.precision
     device: str = "auto"
     num_workers: int = 2
     seed: int = 0
     # bookkeeping
     save_every: int = 500
     log_every: int = 10
+    report_to: tuple[str, ...] = ()  # live tracking: "tensorboard", "wandb" (distill.tracking); () = none
     resume: bool = False
 
     def __post_init__(self):
         if isinstance(self.lora_targets, list):
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if isinstance(self.report_to, str):  # "tensorboard,wandb" as the flag and config files give it
+            object.__setattr__(self, "report_to", tuple(t.strip() for t in self.report_to.split(",") if t.strip()))
+        if isinstance(self.report_to, (list, tuple)):
+            object.__setattr__(self, "report_to", tuple(t for t in self.report_to if t != "none"))
+        if self.quantize == "none":  # as --quantize none and config files may say it
+            object.__setattr__(self, "quantize", None)
         # Types first (a config file can hold anything: `layer: [1, 2]`), then finiteness:
         # `--eps inf` or `--alpha nan` would train to NaN, or silently without a loss.
         problems = [p for f in fields(self) if (p := _type_problem(f.name, getattr(self, f.name)))]
@@ -116,8 +126,13 @@ class RunConfig:
             problems.append("max_steps must be >= 1")
         if self.max_steps is None and self.epochs <= 0:
             problems.append("epochs must be > 0")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            problems.append(f"quantize must be one of {', '.join(QUANTIZE)} (or None), got {self.quantize!r}")
+        unknown = sorted(set(self.report_to) - set(TRACKERS))
+        if unknown:
+            problems.append(f"report_to: unknown tracker(s) {unknown}; choose from none, {', '.join(TRACKERS)}")
         if self.save_every < 1 or self.log_every < 1 or self.num_workers < 0:
             problems.append("save_every and log_every must be >= 1, num_workers >= 0")
         if problems:

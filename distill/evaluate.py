@@ -257,7 +257,8 @@ def evaluate(data, image_root, *, run=None, student: str | None = None, out=None
              max_new_tokens: int = 64, batch_size: int = 8, limit: int | None = None, device: str = "auto",
              precision: str = "auto", pad_to_square: bool | None = None, num_workers: int = 0,
              meteor: bool = True, on_error: str = "fail", name: str | None = None, progress: bool = True,
-             model: MedAlignModel | None = None, masks=None, layer: int | None = None) -> Path:
+             model: MedAlignModel | None = None, masks=None, layer: int | None = None,
+             quantize: str | None = "run") -> Path:
     """Generate for every record of `data` and write predictions.jsonl + metrics.json
     (+ skipped.jsonl). Returns the output directory. `model` reuses a loaded MedAlignModel.
     `masks` (an .npz, distill.grounding): also measure where the student looks, at `layer`
@@ -283,7 +284,8 @@ def evaluate(data, image_root, *, run=None, student: str | None = None, out=None
                         f"check --image-root")
     home = Path(out) if out is not None else None
     em = model or load_medalign(run, student=student, base_only=base_only, home=home, device=device,
-                                precision=precision, pad_to_square=pad_to_square, doing="evaluate it")
+                                precision=precision, pad_to_square=pad_to_square, quantize=quantize,
+                                doing="evaluate it")
 
     dest.mkdir(parents=True, exist_ok=True)
     # Results of an earlier evaluation must not sit next to this one's partial predictions.
@@ -306,7 +308,7 @@ def evaluate(data, image_root, *, run=None, student: str | None = None, out=None
                  "on_error": on_error, "samples": len(records), "skipped": len(skipped)},
         "generation": {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                        "do_sample": False, "kv_cache": True, "padding": "left",
-                       "precision": "bf16" if em.bf16 else "fp32", "device": str(em.device),
+                       "precision": em.precision, "device": str(em.device),
                        "seconds": gen.seconds, "new_tokens": gen.new_tokens},
         **score_predictions(gen.rows, meteor=meteor),
         "versions": _versions(),

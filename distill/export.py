@@ -90,6 +90,7 @@ def export(run, out, *, merge: bool = False, dtype: str | None = None, progress:
             shutil.copytree(run / "alignment", tmp / "alignment")
         record = {
             "format": 1, "merged": merge, "dtype": dtype, "chat_template": m.student.chat_template,
+            "quantize": None if merge else config.get("quantize"),
             "pad_to_square": m.pad_to_square, "images": m.images, "layer": config["layer"],
             "run": {"path": str(run), "config": config},
             "teacher": _teacher(run), "final_metrics": _final_metrics(run), "evaluations": _evaluations(run),

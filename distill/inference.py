@@ -38,6 +38,7 @@ import torch
 from precompute.datasets import Record
 
 from .data import DistillDataset, record_images, split_errors, text_limit, visual_layout
+from .precision import DTYPES, autocast, resolve_precision
 from .rundir import ensure_tiny_student, require_finished
 from .student import (DistillTap, Student, StudentError, load_adapter, load_alignment, load_student,
                       student_geometry)
@@ -58,12 +59,16 @@ class MedAlignModel:
     pad_to_square: bool          # images padded to square before the processor (the run's geometry)
     images: str                  # "first" | "all": which images of a record the student is shown
     device: torch.device
-    bf16: bool
+    precision: str               # "bf16" | "fp16" | "fp32" (resolved: distill.precision)
     info: dict = field(default_factory=dict)   # what was loaded (metrics.json, export's README)
 
     @property
     def model(self):
         return self.student.model
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
 
     def dataset(self, records, image_root) -> DistillDataset:
         """Prompts of `records` as this model is shown them. No truncation: an answer longer
@@ -154,6 +159,7 @@ class _Parts:
     layer: int | None
     pad_to_square: bool
     images: str
+    quantize: str | None         # how the run stored the language model ("4bit", "8bit", None)
     info: dict
 
 
@@ -168,7 +174,7 @@ def _run_parts(run: Path, student: str | None) -> _Parts:
                   adapter=adapter if (adapter / "adapter_config.json").is_file() else None,
                   alignment=alignment if alignment.is_dir() else None, layer=config.get("layer"),
                   pad_to_square=run_pad_to_square(run, config), images=config.get("images", "first"),
-                  info={"run": str(run), "student": config["student"]})
+                  quantize=config.get("quantize"), info={"run": str(run), "student": config["student"]})
 
 
 def _export_parts(folder: Path) -> _Parts:
@@ -178,22 +184,25 @@ def _export_parts(folder: Path) -> _Parts:
                   adapter=adapter if (adapter / "adapter_config.json").is_file() else None,
                   alignment=alignment if alignment.is_dir() else None, layer=record.get("layer"),
                   pad_to_square=bool(record["pad_to_square"]), images=record.get("images", "first"),
-                  info={"export": str(folder), "merged": record.get("merged", False),
+                  quantize=record.get("quantize"), info={"export": str(folder), "merged": record.get("merged", False),
                         "run": record.get("run", {}).get("path")})
 
 
 def load_medalign(path=None, *, student: str | None = None, base_only: bool = False, home=None,
                   device: str = "auto", precision: str = "auto", pad_to_square: bool | None = None,
-                  doing: str = "use it") -> MedAlignModel:
+                  quantize: str | None = "run", doing: str = "use it") -> MedAlignModel:
     """A trained model ready to generate (see the module docstring).
 
     path: a run directory (`medalign-distill run --out`) or an exported folder
       (`medalign-distill export --out`); base_only: its base student, nothing added.
     student (without path): a base student, a local LLaVA folder or "tiny" (built in `home`).
-    precision: "auto" (bf16 on CUDA), "bf16" or "fp32"; pad_to_square overrides the geometry.
+    precision: "auto" (distill.precision: bf16 on GPUs that have it, fp16 on others, fp32 on
+    CPU), "bf16", "fp16" or "fp32"; pad_to_square overrides the geometry; quantize: "run"
+    stores the language model as the run trained it (none for a base student), or "none" /
+    None, "4bit", "8bit" (a quantized run's adapter loads on the unquantized base too).
     A run must have finished (RUN/finished.json; `doing` completes the message that says how)."""
     dev = _device(device)
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    precision = resolve_precision(precision, dev)
     if path is not None:
         path = Path(path)
         exported = (path / EXPORT_RECORD).is_file()
@@ -203,13 +212,15 @@ def load_medalign(path=None, *, student: str | None = None, base_only: bool = Fa
     elif student is not None:
         base = _student_dir(student, Path(home) if home is not None else Path("."))
         parts = _Parts(base=base, chat_template=None, adapter=None, alignment=None, layer=None,
-                       pad_to_square=bool(student_geometry(str(base))), images="first", info={"student": student})
+                       pad_to_square=bool(student_geometry(str(base))), images="first", quantize=None,
+                       info={"student": student})
         base_only = True
     else:
         raise LoadError("give a run directory or exported folder, or --student PATH_OR_tiny (a base model)")
-    info = {**parts.info, "student_path": str(parts.base)}
-    loaded = load_student(str(parts.base), dtype=torch.bfloat16 if bf16 else torch.float32, device=str(dev),
-                          chat_template=parts.chat_template)
+    quantize = parts.quantize if quantize == "run" else (None if quantize == "none" else quantize)
+    info = {**parts.info, "student_path": str(parts.base), "quantize": quantize}
+    loaded = load_student(str(parts.base), dtype=DTYPES[precision], device=str(dev),
+                          chat_template=parts.chat_template, quantize=quantize)
     tap, kind = None, "base"
     if base_only:
         info.update(adapter=None, alignment=None)
@@ -233,7 +244,7 @@ def load_medalign(path=None, *, student: str | None = None, base_only: bool = Fa
     loaded.model.eval()
     pad = parts.pad_to_square if pad_to_square is None else pad_to_square
     info.update(pad_to_square=pad, images=parts.images, chat_template=loaded.chat_template or "the checkpoint's own")
-    return MedAlignModel(loaded, tap, kind, pad, parts.images, dev, bf16, info)
+    return MedAlignModel(loaded, tap, kind, pad, parts.images, dev, precision, info)
 
 
 # ----------------------------------------------------------------------------- prompts and generation
@@ -292,7 +303,7 @@ def generate_batch(m: MedAlignModel, batch, *, num_beams: int = 1, max_new_token
     s, dev = m.student, m.device
     tok = s.processor.tokenizer
     input_ids = batch["input_ids"].to(dev)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=m.bf16):
+    with autocast(dev, m.precision):
         out = s.model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(dev),
                                pixel_values=batch["pixel_values"].to(dev, dtype=s.model.dtype),
                                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,

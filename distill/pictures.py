@@ -405,9 +405,8 @@ def make_pictures(run, data, image_root, out, *, keys: list[str] | None = None, 
     labels, rule = image_labels(images, by_image, label_by, field_values)
 
     # ---- the student, before and after
-    # the base student as every command loads it: template, geometry and image mode of the run
-    base = load_medalign(run, base_only=True, device=device,
-                         precision=config.precision if config.precision in ("bf16", "fp32") else "auto")
+    # the base student as every command loads it: template, geometry, image mode and storage of the run
+    base = load_medalign(run, base_only=True, device=device, precision=config.precision, quantize=config.quantize)
     student, dev = base.student, base.device
     if student.num_layers <= config.layer:
         raise PicturesError(f"layer {config.layer} of the run does not exist in {base.info['student_path']}")

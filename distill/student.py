@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .precision import check_quantized, quantization_config
 from .templates import CHAT_TEMPLATES, template_name
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Student:
     hidden_size: int             # D of the language model
     chat_template: str | None = None     # registered name of the template in use (None: the checkpoint's own)
     pad_to_square: bool | None = None    # the geometry the student was trained with (None: not declared)
+    quantize: str | None = None          # "4bit" | "8bit": the decoder's linear layers stored by bitsandbytes
 
 
 # ----------------------------------------------------------------------------- tiny student
@@ -168,10 +170,12 @@ def student_geometry(path) -> bool | None:
 
 
 def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "sdpa",
-                 device="cpu", chat_template: str | None = None) -> Student:
+                 device="cpu", chat_template: str | None = None, quantize: str | None = None) -> Student:
     """A local transformers LLaVA directory -> Student. Anything else -> StudentError with the hint.
 
     chat_template: a name from CHAT_TEMPLATES to use instead of the checkpoint's own.
+    quantize: "4bit" | "8bit" stores the language model's linear layers with bitsandbytes,
+    computing in `dtype` (distill.precision; the rest of the model stays in `dtype`).
     Images are prepared by the processor's PIL backend: CLIP's original preprocessing
     (PIL bicubic resize), which the students were trained with and the teacher cache's
     open_clip transforms also use."""
@@ -195,16 +199,19 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
     if model_type != "llava":
         raise StudentError(f"student {str(path)!r} has model_type {model_type!r}, not 'llava'. "
                            f"{STUDENT_WEIGHTS_HINT}")
+    extra = {"quantization_config": quantization_config(quantize, dtype)} if quantize else {}
     try:
         # device_map loads the weights straight onto the device (a 7B model need not pass
-        # through host memory in float32 first)
+        # through host memory in float32 first); quantized layer by layer on the way
         model = LlavaForConditionalGeneration.from_pretrained(
             root, dtype=dtype, attn_implementation=attn_implementation, device_map={"": str(device)},
-            local_files_only=True, trust_remote_code=False)
+            local_files_only=True, trust_remote_code=False, **extra)
         processor = AutoProcessor.from_pretrained(root, local_files_only=True, trust_remote_code=False,
                                                   backend="pil")
     except (OSError, ValueError, KeyError) as e:
         raise StudentError(f"student {str(path)!r} could not be loaded: {e}. {STUDENT_WEIGHTS_HINT}") from e
+    if quantize:
+        check_quantized(model, language_model(model), quantize)
     for part in ("tokenizer", "image_processor"):
         if getattr(processor, part, None) is None:
             raise StudentError(f"student {str(path)!r}: the processor has no {part}. {STUDENT_WEIGHTS_HINT}")
@@ -241,7 +248,7 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
     return Student(model=model, processor=processor, image_token_id=image_token_id, grid=grid,
                    num_visual_tokens=num_visual_tokens, num_layers=int(text.num_hidden_layers),
                    hidden_size=int(text.hidden_size), chat_template=template_name(processor.chat_template),
-                   pad_to_square=pad)
+                   pad_to_square=pad, quantize=quantize)
 
 
 def _count_visual_tokens(model, processor) -> int:

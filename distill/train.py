@@ -43,11 +43,14 @@ from precompute.targets import RECIPE, bilinear_matrix, resize_attention, resize
 
 from .config import RunConfig
 from .data import DistillDataset, SampleError, make_collate, record_images
+from .extras import require
 from .losses import attention_distill_loss, next_token_loss, visual_alignment_loss
+from .precision import DTYPES, LossScaler, autocast, prepare_for_kbit_training, resolve_precision
 from .rundir import (DISK_FULL, ensure_tiny_student, mark_finished, os_error_line, run_lock,
                      unmark_finished)
 from .student import (AlignmentTransform, DistillTap, apply_lora, conversion_record, load_alignment,
                       load_student, save_alignment, student_geometry)
+from .tracking import Tracker, check_available
 
 log = logging.getLogger("medalign.distill")
 
@@ -388,10 +391,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model, transform, config, optimizer, scheduler, rng: dict,
-                    dist: Dist = Dist()):
+                    dist: Dist = Dist(), scaler: LossScaler | None = None):
     """The state at the end of optimiser step `step`. Rank 0 writes the (replicated)
-    weights and optimiser; every rank its own `rng`, the RNG state at the end of that
-    step (not the current one: a step interrupted mid-forward has drawn dropout masks)."""
+    weights and optimiser (and fp16's loss scaler); every rank its own `rng`, the RNG state
+    at the end of that step (not the current one: a step interrupted mid-forward has drawn
+    dropout masks)."""
     final = out / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if dist.main:
@@ -406,6 +410,8 @@ def save_checkpoint(out: Path, step: int, model, transform, config, optimizer, s
                 save_alignment(transform, tmp / "alignment", layer=config.layer)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if scaler is not None and scaler.enabled:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "world": dist.world}))
     except BaseException:
         if dist.main:  # e.g. a full disk: give its space back; the previous checkpoints stay
@@ -442,7 +448,8 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler, dist: Dist = Dist()) -> int:
+def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler, dist: Dist = Dist(),
+                    scaler: LossScaler | None = None) -> int:
     """Restores what save_checkpoint wrote, RNG included; returns the step."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -452,6 +459,8 @@ def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler, dist: Di
         transform.load_state_dict(load_alignment(ckpt / "alignment").state_dict())
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    if scaler is not None and (ckpt / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     state = json.loads((ckpt / "state.json").read_text())
     if state.get("world", 1) != dist.world:
         raise RunError(f"{ckpt} was written by {state.get('world', 1)} processes; resume with the same number "
@@ -461,6 +470,10 @@ def load_checkpoint(ckpt: Path, model, transform, optimizer, scheduler, dist: Di
 
 
 # ----------------------------------------------------------------------------- the run
+
+# Settings a --resume may change: they do not change what is trained.
+RESUME_MAY_CHANGE = ("resume", "report_to")
+
 
 def train(config: RunConfig, progress: bool = True) -> TrainResult:
     device = _device(config)
@@ -487,7 +500,7 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
     if config.resume and (out / "config.json").exists():
         saved = json.loads((out / "config.json").read_text())
         now = config.to_dict()
-        diff = {k: (saved.get(k), now[k]) for k in now if k != "resume" and saved.get(k) != now[k]}
+        diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]}
         if diff:
             raise RunError(f"--resume with a different config than the run in {out}: "
                            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
@@ -497,7 +510,7 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
         unmark_finished(out)  # a resumed run is unfinished until it writes its final files again
         _setup_logging(out)
     torch.manual_seed(config.seed)  # the same initial LoRA weights on every rank
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    precision = resolve_precision(config.precision, device)
 
     # ---- data and cache, checked before the (slow) student load
     records = load_records(config.data, config.image_root, fmt=config.format, split=config.split,
@@ -505,6 +518,9 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
     group = open_cache(config.cache)[config.teacher] if config.distill else None
     student_pad = student_geometry(config.student)
     notes = preflight(config, records, group, student_pad)  # every rank checks; one tells
+    check_available(config.report_to if dist.main else ())
+    if config.quantize:  # before the (slow) student load, like the checks above
+        require("bitsandbytes", f"--quantize {config.quantize}")
     for w in notes if dist.main else ():
         log.warning(w)
         tqdm.write(f"warning: {w}")
@@ -518,8 +534,8 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
         if dist.main:
             ensure_tiny_student(student_path, seed=config.seed)
         dist.barrier()
-    student = load_student(str(student_path), dtype=torch.bfloat16 if bf16 else torch.float32,
-                           device=str(device), chat_template=config.chat_template)
+    student = load_student(str(student_path), dtype=DTYPES[precision], device=str(device),
+                           chat_template=config.chat_template, quantize=config.quantize)
     check_student(config, student)
     pad = image_geometry(config, group, student_pad)  # the preflight has refused a mismatch
     if dist.main:  # only a run that passed its preflight is a run (a refused one can simply be rerun)
@@ -530,6 +546,8 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
     if group is not None and dist.main:
         (out / "cache_metadata.json").write_text(json.dumps(group.metadata, indent=2, default=str) + "\n")
 
+    if config.quantize:
+        student.model = prepare_for_kbit_training(student.model, DTYPES[precision])
     apply_lora(student, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                target_modules=list(config.lora_targets) if config.lora_targets else None)
     model = student.model
@@ -562,19 +580,21 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps),
                                                 total_steps)
+    scaler = LossScaler(device, precision)
     step = 0
     if config.resume and (ckpt := latest_checkpoint(out)) is not None:
-        step = load_checkpoint(ckpt, model, transform, optimizer, scheduler, dist)
+        step = load_checkpoint(ckpt, model, transform, optimizer, scheduler, dist, scaler)
         log.info("resumed from %s at step %d", ckpt, step)
     elif config.resume:
         log.info("no checkpoint in %s: starting again at step 0", out / "checkpoints")
     if dist.main:
         truncate_metrics(out / "metrics.jsonl", step)
     log.info("run %s: %d samples, %d optimiser steps, effective batch %d (%d processes), student grid %d, %s, "
-             "device %s, gradient checkpointing %s", out, len(dataset), total_steps,
+             "device %s, %s%s, gradient checkpointing %s", out, len(dataset), total_steps,
              config.batch_size * config.grad_accum * dist.world, dist.world, student.grid,
              "distill (alpha=%g, beta=%g, layer %d)" % (config.alpha, config.beta, config.layer)
-             if config.distill else "plain LoRA", device, "on" if use_ckpt else "off")
+             if config.distill else "plain LoRA", device, precision,
+             f", language model {config.quantize}" if config.quantize else "", "on" if use_ckpt else "off")
 
     def forward_losses(batch, n_tokens: float, n_images: float):
         """One micro-batch: its share of the step's losses, normalised by the step's
@@ -584,7 +604,7 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
         if tap is not None:
             tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device),
                           batch["image_rows"].to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, precision):
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device),
                            pixel_values=batch["pixel_values"].to(device, dtype=model.dtype)).logits
@@ -603,11 +623,12 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
                 sums["att"] = attention_distill_loss(tap.visual_attention.float(), attn_t, mode=config.attn_loss,
                                                      temperature=config.attn_temperature) * N
                 loss = loss + config.beta * sums["att"] / n_images
-        loss.backward()
+        scaler.scale(loss).backward()
         return {k: v.item() for k, v in sums.items()}
 
     stream = batch_stream(dataset, collate, config, step * config.grad_accum, pin=device.type == "cuda", dist=dist)
     metrics_file = (out / "metrics.jsonl").open("a") if dist.main else None
+    tracker = Tracker(config.report_to if dist.main else (), out, config.to_dict(), step)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     saved = step
@@ -639,18 +660,22 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
             ids = [dataset.records[i].id for b in mine for i in b["index"].tolist()]
             check_finite({"ntp": ntp, "vis": vis, "att": att}, step + 1, ids)
             all_reduce_grads(params, dist)
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            check_finite({"grad_norm": float(grad_norm)}, step + 1, ids)
+            if not scaler.enabled:  # fp16's scaler skips a step whose gradients overflowed itself (and counts it)
+                check_finite({"grad_norm": float(grad_norm)}, step + 1, ids)
             updating = True
-            optimizer.step()
-            scheduler.step()
+            if scaler.step(optimizer):
+                scheduler.step()  # a skipped update leaves the schedule where it was
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": ntp + config.alpha * vis + config.beta * att, "ntp": ntp,
                       "vis": vis, "att": att, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": n_seen / dt, "samples_per_s": n_samples / dt, "step_time_s": dt,
-                      "peak_memory_mb": _peak_memory_mb(device)}
+                      "tokens_per_s": n_seen / dt, "samples_per_s": n_samples / dt, "images_per_s": n_images / dt,
+                      "step_time_s": dt, "peak_memory_mb": _peak_memory_mb(device)}
+            if scaler.enabled:
+                record.update(loss_scale=scaler.scale_value, skipped_steps=scaler.skipped)
             if not config.alpha:
                 record.pop("vis")
             if not config.beta:
@@ -658,6 +683,7 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
             if dist.main:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                tracker.log(record)
             committed_rng = rng_state()
             updating = False
             if dist.main and (step % config.log_every == 0 or step == total_steps):
@@ -665,17 +691,19 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{n_seen / dt:.0f}")
             if step % config.save_every == 0 and step < total_steps:
-                save_checkpoint(out, step, model, transform, config, optimizer, scheduler, committed_rng, dist)
+                save_checkpoint(out, step, model, transform, config, optimizer, scheduler, committed_rng, dist, scaler)
                 saved = step
     except (Exception, KeyboardInterrupt) as e:
         # Nothing computed is lost: keep the last finished step, then say how to go on.
         # (With several processes the others are stuck in a collective: torchrun ends them.)
         bar.close()
+        tracker.close()
         if metrics_file is not None:
             metrics_file.close()
         if step > saved and dist.world == 1 and not updating:
             try:
-                save_checkpoint(out, step, model, transform, config, optimizer, scheduler, committed_rng)
+                save_checkpoint(out, step, model, transform, config, optimizer, scheduler, committed_rng,
+                                scaler=scaler)
                 saved = step
             except OSError as save_error:  # a full disk: the earlier checkpoint is what there is
                 log.error("could not save a checkpoint of step %d: %s", step, os_error_line(save_error))
@@ -693,6 +721,7 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
         log.error("%s", message)
         raise RunError(message) from e
     bar.close()
+    tracker.close()
     if dist.main:
         metrics_file.close()
         model.save_pretrained(out / "adapter")
@@ -712,12 +741,14 @@ STUDENT_RECORD = "student.json"
 
 def write_student_record(out: Path, student, path: str, pad: bool) -> None:
     """How this run shows the student its inputs: the prompt template and the image
-    geometry it used (eval, pictures and compare read them back), and where the student
-    came from (the conversion record of a converted one)."""
+    geometry it used (eval, pictures and compare read them back), how its language model
+    was stored (quantize), and where the student came from (the conversion record of a
+    converted one)."""
     record = {"path": path, "chat_template": student.chat_template or "the checkpoint's own",
               "template_text": student.processor.chat_template, "pad_to_square": pad,
               "grid": student.grid, "num_visual_tokens": student.num_visual_tokens,
-              "image_token_id": student.image_token_id, "conversion": conversion_record(path) or None}
+              "image_token_id": student.image_token_id, "quantize": student.quantize,
+              "conversion": conversion_record(path) or None}
     (out / STUDENT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -175,10 +175,10 @@ def train_data(dataset):
     return tmp, data, cache
 
 
-def run_training(tmp, data, cache, out, world: int, batch_size: int):
+def run_training(tmp, data, cache, out, world: int, batch_size: int, **extra):
     args = dict(cache=str(cache), teacher="tiny", student="tiny", data=str(data), image_root=str(tmp / "images"),
                 out=str(out), layer=2, max_steps=6, batch_size=batch_size, grad_accum=2, lr=3e-3, lora_dropout=0.0,
-                num_workers=0, save_every=3)
+                num_workers=0, save_every=3, **extra)
     # --standalone: a free port each time, so parallel test runs cannot collide
     launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(world)] if world > 1 \
         else [sys.executable]
@@ -195,7 +195,7 @@ def test_two_processes_train_like_one_with_twice_the_batch(train_data):
     from safetensors.torch import load_file
     tmp, data, cache = train_data
     one = run_training(tmp, data, cache, tmp / "run-1x4", world=1, batch_size=4)
-    two = run_training(tmp, data, cache, tmp / "run-2x2", world=2, batch_size=2)
+    two = run_training(tmp, data, cache, tmp / "run-2x2", world=2, batch_size=2, report_to=["tensorboard"])
     for key in ("loss", "ntp", "vis", "att"):
         assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-4, abs=1e-6), key
     a = load_file(tmp / "run-1x4" / "adapter" / "adapter_model.safetensors")
@@ -205,3 +205,7 @@ def test_two_processes_train_like_one_with_twice_the_batch(train_data):
     assert json.loads((tmp / "run-2x2" / "versions.json").read_text())["world_size"] == 2
     # each rank checkpointed its own RNG stream
     assert sorted(p.name for p in (tmp / "run-2x2" / "checkpoints").glob("*/rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    # only rank 0 reports: one event file, each step once
+    assert len(list((tmp / "run-2x2" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    from tests.test_tracking import read_tensorboard
+    assert [s for s, _ in read_tensorboard(tmp / "run-2x2" / "tensorboard")["train/loss"]] == [1, 2, 3, 4, 5, 6]

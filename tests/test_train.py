@@ -366,6 +366,8 @@ def test_defaults_follow_the_reference():
     ({"alpha": -1}, "alpha and beta"),
     ({"attn_loss": "mse"}, "attn_loss"),
     ({"precision": "fp8"}, "precision"),
+    ({"quantize": "3bit"}, "quantize must be one of 4bit, 8bit"),
+    ({"report_to": "tensorboard,mlflow"}, r"unknown tracker\(s\) \['mlflow'\]"),
     ({"batch_size": 0}, "batch_size"),
     ({"lang": "fr"}, "lang must be one of"),
     ({"eps": float("inf")}, "eps must be a finite number, got inf"),
