@@ -6,10 +6,12 @@ The teacher is never loaded: its targets stream from the cache at their native
 grid and are resized to the student's grid on the device. A run directory holds
 everything needed to read, resume or reuse the run:
 
-    run.lock  config.json  cache_metadata.json  versions.json  train.log  metrics.jsonl
-    checkpoints/step-0000100/   (adapter/, alignment/, optimizer.pt, scheduler.pt, rng-RANK.pt, state.json)
+    run.lock  config.json  cache_metadata.json  versions.json  student.json  train.log  metrics.jsonl
+    checkpoints/step-0000100/   (adapter/, alignment/, optimizer.pt, scheduler.pt, rng-RANK.pt, state.json,
+                                 scaler.pt with fp16)
     adapter/  alignment/        (final: plain peft format + the alignment transform)
     loss_curves.png
+    tensorboard/  wandb/ wandb_id.txt   (with --report-to: distill.tracking)
     finished.json               (written last: only a run holding it is finished; rundir.py)
 
 One `train` at a time writes a run directory (run.lock, taken before anything is

@@ -160,3 +160,34 @@ def test_attention_loss_rejects_bad_arguments():
         attention_distill_loss(a, a, mode="softmax-kl", temperature=0)
     with pytest.raises(ValueError, match="same"):
         attention_distill_loss(a, a[:, :30])
+
+
+# ----------------------------------------------------------------------------- next-token loss
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_loss_against_per_position_loop(dtype):
+    """The sum over the learned positions of -log softmax(logits without the `never` column)[label],
+    computed position by position in float64; its gradient is zero at positions not learned."""
+    from distill.losses import next_token_loss
+    g = torch.Generator().manual_seed(0)
+    B, T, V, never = 3, 9, 11, 4
+    logits = (3 * torch.randn(B, T, V, generator=g)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[labels == never] = 0
+    labels[0, :5] = -100               # a prompt
+    labels[1] = -100                   # a sample with nothing to learn
+    loss = next_token_loss(logits, labels, never=never)
+    want = 0.0
+    for b in range(B):
+        for t in range(T - 1):         # position t predicts token t + 1
+            if labels[b, t + 1] != -100:
+                row = logits[b, t].double().detach().clone()
+                row[never] = float("-inf")
+                want -= torch.log_softmax(row, -1)[labels[b, t + 1]].item()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(want, rel=1e-5)
+    loss.backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[:, -1].abs().sum() == 0
+    assert logits.grad[0, :4].abs().sum() == 0 and logits.grad[0, 4:8].abs().sum() > 0
+    assert logits.grad[..., never].abs().sum() == 0
+    empty = next_token_loss(logits, torch.full_like(labels, -100))
+    assert empty.item() == 0.0
