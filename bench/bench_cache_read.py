@@ -12,7 +12,10 @@ a DataLoader worker does):
                     before they were added): the cost of checking every read
     --against REF   also the reader of git ref REF (precompute/cache.py as it was there,
                     loaded beside this one) on that checksum-less cache: e.g. the commit
-                    before checksums, to compare with the read rate before the change
+                    before checksums, to compare with the read rate before the change. It
+                    is timed twice: as it ran in a main process (numcodecs then let blosc
+                    use its thread pool there; ours no longer does) and without the pool,
+                    as every reader runs in a DataLoader worker, where training reads
     targets(24)     native_packed + unpack + exact resize to a 24x24 student grid
     HDF5            the same group exported to one file (`medalign-cache export`: one sample
                     per chunk, shuffle + gzip level 1 + fletcher32; and with --gzip-level 0),
@@ -42,6 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numcodecs.blosc
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -202,17 +206,30 @@ def bench(label: str, grid: int, n: int, unique: int, workdir: Path, workers: in
     rate(read_memmap, order)
     rate(h5.native_packed, order_keys)
     rate(h5_plain.native_packed, order_keys)
-    readers = {"checked": group.native_packed, "unchecked": legacy.native_packed}
+    # name -> (read, numcodecs.blosc.use_threads while it reads: None = numcodecs' default,
+    # the pool in a main thread; False = none, what precompute.cache sets and what any
+    # reader gets in a DataLoader worker)
+    readers = {"checked": (group.native_packed, False), "unchecked": (legacy.native_packed, False)}
     if against:
-        readers["ref"] = open_cache_at(against, workdir)(legacy_cache)["teacher"].native_packed
-    for read in readers.values():
-        rate(read, order_keys)
+        ref_read = open_cache_at(against, workdir)(legacy_cache)["teacher"].native_packed
+        readers["ref"] = (ref_read, None)
+        readers["ref_no_pool"] = (ref_read, False)
+
+    def timed(name, keys_r):
+        read, numcodecs.blosc.use_threads = readers[name]
+        try:
+            return rate(read, keys_r)
+        finally:
+            numcodecs.blosc.use_threads = False
+
+    for name in readers:
+        timed(name, order_keys)
     names, part = list(readers), max(len(order_keys) // 4, 1)
     rates = {name: [] for name in names}
     for r in range(rounds):
         keys_r = order_keys[(r % 4) * part:(r % 4 + 1) * part]
         for name in names[r % len(names):] + names[:r % len(names)]:
-            rates[name].append(rate(readers[name], keys_r))
+            rates[name].append(timed(name, keys_r))
     rates = {name: np.array(v) for name, v in rates.items()}
 
     def ratio(a: str, b: str) -> tuple[float, float, float]:
@@ -231,7 +248,9 @@ def bench(label: str, grid: int, n: int, unique: int, workdir: Path, workers: in
     }
     if against:
         res["ref"] = float(np.median(rates["ref"]))
+        res["ref_no_pool"] = float(np.median(rates["ref_no_pool"]))
         res["ref_ratio"] = ratio("checked", "ref")
+        res["ref_no_pool_ratio"] = ratio("checked", "ref_no_pool")
     # exactness: our readers return what zarr-python returns
     for i in order[:20]:
         s, a = group.native_packed(keys[i])
@@ -298,10 +317,13 @@ def main():
     if args.against:
         row(f"reader at {args.against}, no checksums, samples/s", lambda r: f"{r['ref']:>10,.0f}  "
                                                                         f"({r['ref'] / r['memmap']:.3f}x)")
+        row("  the same, blosc without its pool", lambda r: f"{r['ref_no_pool']:>10,.0f}  "
+                                                           f"({r['ref_no_pool'] / r['memmap']:.3f}x)")
     quartiles = lambda q: f"{q[0]:.3f}  [{q[1]:.3f}, {q[2]:.3f}]"  # noqa: E731
     row("checked / unchecked, same reader", lambda r: quartiles(r["crc_ratio"]))
     if args.against:
         row(f"checked / reader at {args.against}", lambda r: quartiles(r["ref_ratio"]))
+        row("  the same, both without blosc's pool", lambda r: quartiles(r["ref_no_pool_ratio"]))
     print("(checked / ...: median [quartiles] of per-round ratios)")
     print(f"DataLoader, {args.workers} workers, batches of 16:")
     for key, label in (("w_memmap", "raw memmap (baseline)"), ("w_zarr", "ours: Zarr native_packed"),

@@ -56,6 +56,12 @@ IDENTITY_FIELDS = ("teacher", "arch", "checkpoint_sha256", "preprocessing", "rec
 # level 1 stores ~1.4x smaller than raw, encodes faster than zstd-3 and decodes 4x faster
 # (zstd's extra ~10% of size would cost reads the 0.15x-of-memmap budget).
 BLOSC = {"cname": "lz4hc", "clevel": 1, "shuffle": "shuffle"}
+# A read decodes one chunk (30-300 KB). numcodecs hands that to blosc's thread pool when
+# called from a main thread, which makes an L/14-336 chunk decode ~2x slower, not faster
+# (bench_cache_read.py); parallelism comes from DataLoader workers, where numcodecs never
+# uses the pool, nor in zarr-python's decode threads. So blosc runs single-threaded
+# (numcodecs' documented switch; it affects this process's main-thread blosc calls only).
+numcodecs.blosc.use_threads = False
 # Every chunk ends in the Zarr spec's crc32c of its encoded bytes (targets: the blosc
 # frame; keys, status: theirs), so a flipped byte on disk is an error when read, by
 # medalign and by any Zarr reader, never a target. Caches written before this have

@@ -23,7 +23,10 @@ from distill.precision import (LossScaler, QuantizeError, quantized_linears, ref
 from distill.student import decoder_layers
 from distill.train import micro_batches, train
 from precompute.datasets import load_records
-from tests.test_train import config_for, data, metrics, run  # noqa: F401  (data: the module fixture)
+from tests import test_train
+from tests.test_train import config_for, metrics, run
+
+data = test_train.data  # the module-scoped fixture of images and cache, shared by name
 
 
 

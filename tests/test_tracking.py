@@ -9,7 +9,10 @@ import types
 import pytest
 
 from distill.config import RunConfig
-from tests.test_train import data, metrics, run  # noqa: F401  (data: the module fixture)
+from tests import test_train
+from tests.test_train import metrics, run
+
+data = test_train.data  # the module-scoped fixture of images and cache, shared by name
 
 LOGGED = ("loss", "ntp", "vis", "att", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "images_per_s",
           "step_time_s", "peak_memory_mb")
