@@ -272,13 +272,13 @@ def all_positions_next_token_loss(logits, labels, never=None):
 
 
 def measure(student_dir: Path, approach: str, batch: int, device_name: str, threads: int,
-            ntp_all_positions: bool = False) -> dict:
+            ntp_all_positions: bool = False, all_logits: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     from bench_distill import reference_prompt_attention
 
-    from distill.losses import attention_distill_loss, next_token_loss, visual_alignment_loss
+    from distill.losses import attention_distill_loss, learned_positions, next_token_loss, visual_alignment_loss
     if ntp_all_positions:
         next_token_loss = all_positions_next_token_loss  # noqa: F811
     from distill.precision import autocast, prepare_for_kbit_training
@@ -309,13 +309,17 @@ def measure(student_dir: Path, approach: str, batch: int, device_name: str, thre
     b = {k: v.to(device) for k, v in synthetic_batch(batch, vocab, student.image_token_id).items()}
     b["pixel_values"] = b["pixel_values"].to(model.dtype)
     n_tokens = float((b["labels"][:, 1:] != -100).sum())
+    # ours: the LM head projects only the answer's positions, as train.py asks it to; the
+    # reference (and --all-logits, --ntp-all-positions) computes every position's logits
+    every = approach == "reference" or all_logits or ntp_all_positions
+    keep = 0 if every else learned_positions(b["labels"])
     load_s = time.perf_counter() - t0
 
     def step() -> float:
         tap.set_batch(b["visual_index"], b["query_mask"])
         with autocast(device, "bf16"):
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-                        output_attentions=approach == "reference")
+                        output_attentions=approach == "reference", logits_to_keep=keep)
         ntp = next_token_loss(out.logits, b["labels"], never=student.image_token_id)
         sim_t, attn_t = teacher_targets_on_device(b, student.grid, student.grid, device, True, True)
         vis = visual_alignment_loss(tap.aligned_visual.float(), sim_t)
@@ -340,10 +344,11 @@ def measure(student_dir: Path, approach: str, batch: int, device_name: str, thre
 
 # ----------------------------------------------------------------------------- the driver
 
-def spawn(student_dir: Path, approach: str, batch: int, device: str, threads: int, ntp_all_positions: bool) -> dict:
+def spawn(student_dir: Path, approach: str, batch: int, device: str, threads: int, ntp_all_positions: bool,
+          all_logits: bool) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(
         {"student": str(student_dir), "approach": approach, "batch": batch, "device": device, "threads": threads,
-         "ntp_all_positions": ntp_all_positions})]
+         "ntp_all_positions": ntp_all_positions, "all_logits": all_logits})]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -373,13 +378,14 @@ def size(n: float) -> str:
 
 
 def report(results: list[dict], archs, layers, batches, device: str, elapsed: float,
-           ntp_all_positions: bool = False) -> None:
+           ntp_all_positions: bool = False, all_logits: bool = False) -> None:
     g = lambda x: x / GiB  # noqa: E731  (GPU memory comes in GiB: a "16 GB" card holds 16 GiB)
     print(f"\npeak memory of one training step, GiB; sequence {SEQ} ({VISUAL} visual tokens), LoRA r "
           f"{LORA_R} on every LLM linear + full alignment transform, L_ntp + L_vis + L_att, non-reentrant activation "
           f"checkpointing, bf16 (+ bf16 autocast), AdamW state present. device: {device}; "
           f"{'live-tensor bytes (TorchDispatchMode)' if device == 'cpu' else 'torch.cuda.max_memory_allocated'}."
-          + (" NEXT-TOKEN LOSS AS BEFORE ISSUE 13 (float32 logits of every position)." if ntp_all_positions else ""))
+          + (" NEXT-TOKEN LOSS AS BEFORE ISSUE 13 (float32 logits of every position)." if ntp_all_positions else "")
+          + (" LM HEAD AT EVERY POSITION (no logits_to_keep)." if all_logits else ""))
     for arch in archs:
         a = ARCHS[arch]
         rows = [r for r in results if r["arch"] == arch]
@@ -442,6 +448,9 @@ def main() -> None:
     p.add_argument("--ntp-all-positions", action="store_true",
                    help="the next-token loss as before issue 13: float32 logits of every position, not only "
                         "the answer's (to measure what that change saved)")
+    p.add_argument("--all-logits", action="store_true",
+                   help="ours computes the LM head at every position, not only the answer's (logits_to_keep): "
+                        "to measure what that saves")
     p.add_argument("--json", default=None, help="also write the measurements here (each as it is taken)")
     p.add_argument("--report", default=None, help="only print the report of measurements a --json run wrote")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -459,14 +468,14 @@ def main() -> None:
         transformers.utils.logging.disable_progress_bar()
         w = json.loads(args.worker)
         print("RESULT " + json.dumps(measure(Path(w["student"]), w["approach"], w["batch"], w["device"],
-                                             w["threads"], w["ntp_all_positions"])), flush=True)
+                                             w["threads"], w["ntp_all_positions"], w["all_logits"])), flush=True)
         return
 
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         results = saved["results"]
         report(results, saved["archs"], saved["layers"], saved["batches"], saved["device"], saved["seconds"],
-               saved.get("ntp_all_positions", False))
+               saved.get("ntp_all_positions", False), saved.get("all_logits", False))
         return
     archs = [a for a in args.arch.split(",") if a]
     layers = sorted(int(x) for x in args.layers.split(","))
@@ -477,6 +486,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"archs": archs, "layers": layers, "batches": batches,
                                                    "device": args.device, "seconds": time.time() - t0,
                                                    "ntp_all_positions": args.ntp_all_positions,
+                                                   "all_logits": args.all_logits,
                                                    "results": results}, indent=1))
     approaches = [a for a in args.approaches.split(",") if a]
     unknown = (set(archs) - set(ARCHS)) | (set(approaches) - set(APPROACHES))
@@ -496,7 +506,8 @@ def main() -> None:
                 student = full if n == max(layers) else fewer_layers(full, Path(tmp) / f"{arch}-{n}", n)
                 for batch in batches:
                     for ap in approaches:
-                        r = spawn(student, ap, batch, args.device, args.threads, args.ntp_all_positions)
+                        r = spawn(student, ap, batch, args.device, args.threads, args.ntp_all_positions,
+                                  args.all_logits)
                         r["arch"] = arch
                         results.append(r)
                         save(results)
@@ -504,7 +515,7 @@ def main() -> None:
                               f"{r['start'] / GiB:5.2f}), step {r['step_s']:.0f} s", flush=True)
             shutil_rmtree(full.parent, arch)
     save(results)
-    report(results, archs, layers, batches, args.device, time.time() - t0, args.ntp_all_positions)
+    report(results, archs, layers, batches, args.device, time.time() - t0, args.ntp_all_positions, args.all_logits)
 
 
 def shutil_rmtree(tmp: Path, arch: str) -> None:

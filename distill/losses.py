@@ -82,9 +82,21 @@ def attention_distill_loss(student_attn: torch.Tensor, teacher_attn: torch.Tenso
     raise ValueError(f"attention_distill_loss: mode must be 'kl' or 'softmax-kl', got {mode!r}")
 
 
+def learned_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True at position t where labels[t + 1] is learned, i.e. the positions
+    whose logits the next-token loss reads. Passed as the model's `logits_to_keep`, the LM
+    head then computes only those rows, [N, V], instead of [B, T, V] (at Qwen2's 152k
+    vocabulary 0.3 GB per sample in bf16, alive through the whole backward)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, never: int | None = None) -> torch.Tensor:
     """SUM over the learned positions of -log p(label), float32: logits [B, T, V] predict
-    labels [B, T] shifted by one; labels -100 are not learned.
+    labels [B, T] shifted by one; labels -100 are not learned. Logits [N, V] are those of
+    the learned positions only, in order (the model called with
+    `logits_to_keep=learned_positions(labels)`).
 
     `never`: a token id the model may never predict, whose logit is dropped from the
     softmax: the image placeholder, which a converted student gained as an extra
@@ -92,10 +104,15 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, never: int | Non
     exactly the original model's."""
     targets = labels[:, 1:]
     learned = targets != -100
-    # Only the learned rows are upcast and go through the softmax: the answer is a small part
-    # of a sequence that is mostly image and prompt, and each float32 [B, T, vocab] copy is
-    # 0.13 GB per sample at LLaVA-Med's 32k vocabulary, 0.62 GB at Qwen2's 152k (bench_memory.py).
-    flat = logits[:, :-1][learned].float()
+    if logits.ndim == 3:
+        # Only the learned rows are upcast and go through the softmax: the answer is a small part
+        # of a sequence that is mostly image and prompt, and each float32 [B, T, vocab] copy is
+        # 0.13 GB per sample at LLaVA-Med's 32k vocabulary, 0.62 GB at Qwen2's 152k (bench_memory.py).
+        logits = logits[:, :-1][learned]
+    elif logits.shape[0] != int(learned.sum()):
+        raise ValueError(f"next_token_loss: {logits.shape[0]} rows of logits for {int(learned.sum())} learned "
+                         f"positions")
+    flat = logits.float()
     if never is not None:
         flat = flat.index_fill(1, torch.tensor([never], device=flat.device), float("-inf"))
     return F.cross_entropy(flat, targets[learned], reduction="sum")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+import transformers.modeling_utils
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -46,7 +47,7 @@ from precompute.targets import RECIPE, bilinear_matrix, resize_attention, resize
 from .config import RunConfig
 from .data import DistillDataset, SampleError, make_collate, record_images
 from .extras import require
-from .losses import attention_distill_loss, next_token_loss, visual_alignment_loss
+from .losses import attention_distill_loss, learned_positions, next_token_loss, visual_alignment_loss
 from .precision import DTYPES, LossScaler, autocast, prepare_for_kbit_training, resolve_precision
 from .rundir import (DISK_FULL, ensure_tiny_student, mark_finished, os_error_line, run_lock,
                      unmark_finished)
@@ -55,6 +56,10 @@ from .student import (AlignmentTransform, DistillTap, apply_lora, conversion_rec
 from .tracking import Tracker, check_available
 
 log = logging.getLogger("medalign.distill")
+# transformers versions with `slice_logits_to_keep` take a [B, T] bool mask as
+# `logits_to_keep`: the LM head then projects only the positions the next-token loss
+# reads (learned_positions). Older ones would misread the mask: they get every position.
+LOGITS_BY_MASK = hasattr(transformers.modeling_utils, "slice_logits_to_keep")
 
 
 @dataclass
@@ -606,11 +611,12 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
         if tap is not None:
             tap.set_batch(batch["visual_index"].to(device), batch["query_mask"].to(device),
                           batch["image_rows"].to(device))
+        labels = batch["labels"].to(device)
         with autocast(device, precision):
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device),
-                           pixel_values=batch["pixel_values"].to(device, dtype=model.dtype)).logits
-        labels = batch["labels"].to(device)
+                           pixel_values=batch["pixel_values"].to(device, dtype=model.dtype),
+                           logits_to_keep=learned_positions(labels) if LOGITS_BY_MASK else 0).logits
         ntp = next_token_loss(logits, labels, never=student.image_token_id)
         N = batch["visual_index"].shape[0]
         sums = {"ntp": ntp}

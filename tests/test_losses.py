@@ -191,3 +191,27 @@ def test_next_token_loss_against_per_position_loop(dtype):
     assert logits.grad[..., never].abs().sum() == 0
     empty = next_token_loss(logits, torch.full_like(labels, -100))
     assert empty.item() == 0.0
+
+
+def test_next_token_loss_on_the_learned_rows_only():
+    """Logits of only the learned positions (what the LM head computes with
+    logits_to_keep=learned_positions(labels)) give the same loss and the same gradient
+    at those positions as the full [B, T, V] logits; a row count that does not match the
+    labels is an error, not a silently shifted loss."""
+    from distill.losses import learned_positions, next_token_loss
+    g = torch.Generator().manual_seed(1)
+    B, T, V, never = 3, 8, 13, 5
+    full = (2 * torch.randn(B, T, V, generator=g)).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :4] = -100
+    labels[2, 6:] = -100               # a shorter, right-padded answer
+    keep = learned_positions(labels)
+    assert keep.tolist()[2] == [False, False, False, True, True, False, False, False]
+    assert keep[:, -1].sum() == 0      # the last position predicts nothing
+    rows = full.detach()[keep].clone().requires_grad_(True)     # row-major, as slice_logits_to_keep returns
+    want, got = next_token_loss(full, labels, never=never), next_token_loss(rows, labels, never=never)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    want.backward(), got.backward()
+    assert torch.allclose(rows.grad, full.grad[keep], atol=1e-7)
+    with pytest.raises(ValueError, match="rows of logits"):
+        next_token_loss(rows[1:], labels)

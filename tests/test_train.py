@@ -98,6 +98,30 @@ def test_losses_fall_and_run_directory(data):
     assert "medalign-cache verify" in log
 
 
+def test_the_lm_head_projects_only_the_learned_positions(data, tmp_path, monkeypatch):
+    """Training asks the LM head for the logits of the answer positions only
+    (logits_to_keep = learned_positions): the next-token loss sees [N, V], N the learned
+    tokens of the batch, and the run's losses equal, step for step, a run that computes
+    every position's logits."""
+    import distill.train as train_module
+    real, shapes = train_module.next_token_loss, []
+
+    def next_token_loss(logits, labels, **kwargs):
+        shapes.append((tuple(logits.shape), int((labels[:, 1:] != -100).sum())))
+        return real(logits, labels, **kwargs)
+    monkeypatch.setattr(train_module, "next_token_loss", next_token_loss)
+    assert train_module.LOGITS_BY_MASK  # the pinned transformers has slice_logits_to_keep
+    assert run(data, tmp_path / "kept", "--max-steps", 4).exit_code == 0
+    assert shapes and all(len(shape) == 2 and shape[0] == n for shape, n in shapes), shapes
+    shapes.clear()
+    monkeypatch.setattr(train_module, "LOGITS_BY_MASK", False)
+    assert run(data, tmp_path / "all", "--max-steps", 4).exit_code == 0
+    assert all(len(shape) == 3 for shape, _ in shapes)
+    for kept, every in zip(metrics(tmp_path / "kept"), metrics(tmp_path / "all"), strict=True):
+        for term in ("ntp", "vis", "att", "loss"):
+            assert kept[term] == pytest.approx(every[term], rel=1e-5, abs=1e-7), (term, kept, every)
+
+
 @pytest.mark.parametrize("alpha,beta,present,absent", [
     (1.0, 0.0, ["vis"], ["att"]),
     (0.0, 0.05, ["att"], ["vis"]),
