@@ -25,7 +25,8 @@ checkpointing, bf16 weights under bf16 autocast, AdamW (its state exists already
 every step after the first), gradient clipping. The approaches:
   reference  eager attention in EVERY layer, output_attentions=True, L_att read from the
              returned weights of layer l (what the reference implementation does)
-  bf16       ours: SDPA in every layer, the one-layer attention tap (distill.student)
+  bf16       ours: SDPA in every layer, the one-layer attention tap (distill.student), the
+             LM head only at the answer's positions (logits_to_keep; --all-logits: every one)
   4bit       ours with --quantize 4bit: the language model's linear layers NF4 with double
              quantisation (bitsandbytes), computing in bf16 (distill.precision)
 

@@ -104,15 +104,14 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, never: int | Non
     exactly the original model's."""
     targets = labels[:, 1:]
     learned = targets != -100
-    if logits.ndim == 3:
-        # Only the learned rows are upcast and go through the softmax: the answer is a small part
-        # of a sequence that is mostly image and prompt, and each float32 [B, T, vocab] copy is
-        # 0.13 GB per sample at LLaVA-Med's 32k vocabulary, 0.62 GB at Qwen2's 152k (bench_memory.py).
-        logits = logits[:, :-1][learned]
-    elif logits.shape[0] != int(learned.sum()):
+    if logits.ndim == 2 and logits.shape[0] != int(learned.sum()):
         raise ValueError(f"next_token_loss: {logits.shape[0]} rows of logits for {int(learned.sum())} learned "
                          f"positions")
-    flat = logits.float()
+    # Only the learned rows are upcast and go through the softmax: the answer is a small part
+    # of a sequence that is mostly image and prompt, and each float32 [B, T, vocab] copy is
+    # 0.13 GB per sample at LLaVA-Med's 32k vocabulary, 0.62 GB at Qwen2's 152k (bench_memory.py).
+    # (One expression: the 16-bit rows picked out of [B, T, V] are freed once upcast.)
+    flat = (logits[:, :-1][learned] if logits.ndim == 3 else logits).float()
     if never is not None:
         flat = flat.index_fill(1, torch.tensor([never], device=flat.device), float("-inf"))
     return F.cross_entropy(flat, targets[learned], reduction="sum")
