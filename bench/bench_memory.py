@@ -212,27 +212,13 @@ class LiveTensorBytes:
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor):
                 self._track(obj)
-        self.start = self.now
+        self.baseline = self.now  # the field bench_distill.CudaPeak has too
         self.peak = self.now
         self.mode.__enter__()
         return self
 
     def __exit__(self, *exc):
         self.mode.__exit__(*exc)
-
-
-class CudaPeak:
-    def __enter__(self):
-        import torch
-        torch.cuda.synchronize()
-        self.start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-        torch.cuda.synchronize()
-        self.peak = torch.cuda.max_memory_allocated()
 
 
 # ----------------------------------------------------------------------------- one measurement
@@ -277,7 +263,7 @@ def measure(student_dir: Path, approach: str, batch: int, device_name: str, thre
     import torch
 
     torch.set_num_threads(threads)
-    from bench_distill import reference_prompt_attention
+    from bench_distill import CudaPeak, reference_prompt_attention
 
     from distill.losses import attention_distill_loss, learned_positions, next_token_loss, visual_alignment_loss
     if ntp_all_positions:
@@ -339,7 +325,7 @@ def measure(student_dir: Path, approach: str, batch: int, device_name: str, thre
     with (CudaPeak() if device.type == "cuda" else LiveTensorBytes()) as mem:
         loss = step()
     return {"approach": approach, "layers": student.num_layers, "batch": batch, "peak": mem.peak,
-            "start": mem.start, "loss": loss, "step_s": time.perf_counter() - t1, "load_s": load_s,
+            "start": mem.baseline, "loss": loss, "step_s": time.perf_counter() - t1, "load_s": load_s,
             "trainable": sum(p.numel() for p in params), "device": device_name}
 
 
