@@ -216,7 +216,8 @@ def bench(label: str, grid: int, n: int, unique: int, workdir: Path, workers: in
         readers["ref_no_pool"] = (ref_read, False)
 
     def timed(name, keys_r):
-        read, numcodecs.blosc.use_threads = readers[name]
+        read, threads = readers[name]
+        numcodecs.blosc.use_threads = threads
         try:
             return rate(read, keys_r)
         finally:

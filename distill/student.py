@@ -66,7 +66,6 @@ class Student:
     num_layers: int              # decoder layers of the language model
     hidden_size: int             # D of the language model
     chat_template: str | None = None     # registered name of the template in use (None: the checkpoint's own)
-    pad_to_square: bool | None = None    # the geometry the student was trained with (None: not declared)
     quantize: str | None = None          # "4bit" | "8bit": the decoder's linear layers stored by bitsandbytes
 
 
@@ -191,10 +190,11 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
         model_type = json.loads((root / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as e:
         raise StudentError(f"student {str(path)!r}: cannot read config.json ({e}). {STUDENT_WEIGHTS_HINT}") from e
-    if model_type in ("llava_mistral", "llava_qwen2", "llava_llama"):
+    from .convert import SOURCES  # (imported here: convert imports this module)
+    if model_type in SOURCES:
         raise StudentError(f"student {str(path)!r} is in the LLaVA codebase format (model_type {model_type!r}); "
                            f"convert it once: `medalign-distill convert --model {path} "
-                           f"{'' if model_type == 'llava_qwen2' else '--vision-tower CLIP_DIR '}"
+                           f"{'' if SOURCES[model_type].tower_weights == 'checkpoint' else '--vision-tower CLIP_DIR '}"
                            f"--out {str(path).rstrip('/')}-hf`, then pass the converted folder as --student")
     if model_type != "llava":
         raise StudentError(f"student {str(path)!r} has model_type {model_type!r}, not 'llava'. "
@@ -225,8 +225,8 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
                            f"tokenizer_config.json); pass --chat-template "
                            f"{' or '.join(sorted(CHAT_TEMPLATES))} (LLaVA-Med v1.5 as MedAlign trains it: vicuna_v1)")
     # Padding to square is done by our data path (expand2square, as LLaVA does), never
-    # twice: a llava-hf processor's own do_pad is switched off once its geometry is read.
-    pad = student_geometry(root)
+    # twice: a llava-hf processor's own do_pad is switched off (its geometry is read by
+    # student_geometry, which the callers ask before loading).
     if getattr(processor.image_processor, "do_pad", None):
         processor.image_processor.do_pad = False
 
@@ -248,7 +248,7 @@ def load_student(path: str, *, dtype=torch.float32, attn_implementation: str = "
     return Student(model=model, processor=processor, image_token_id=image_token_id, grid=grid,
                    num_visual_tokens=num_visual_tokens, num_layers=int(text.num_hidden_layers),
                    hidden_size=int(text.hidden_size), chat_template=template_name(processor.chat_template),
-                   pad_to_square=pad, quantize=quantize)
+                   quantize=quantize)
 
 
 def _count_visual_tokens(model, processor) -> int:

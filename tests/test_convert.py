@@ -13,7 +13,7 @@ from PIL import Image
 from distill.cli import main as distill_cli
 from distill.convert import ConvertError, convert
 from distill.data import DistillDataset
-from distill.student import StudentError, load_student
+from distill.student import StudentError, load_student, student_geometry
 from precompute.cli import main as cache_cli
 from precompute.datasets import Record
 
@@ -53,10 +53,12 @@ def scan(tmp_path):
     return tmp_path
 
 
-def _prompt_and_pixels(student, root):
+def _prompt_and_pixels(student, dest, root):
+    """The prompt ids and pixel values of the converted student in `dest` for root/scan.png,
+    in the geometry its conversion declares."""
     record = Record(id="q1", images=("scan.png",), turns=(("What is shown?", "A lung."),), task="vqa")
     item = DistillDataset([record], root, student.processor, student.num_visual_tokens, 1024, None,
-                          pad_to_square=student.pad_to_square)[0]
+                          pad_to_square=student_geometry(dest))[0]
     return item["input_ids"][:item["query_rows"][1]], item["pixel_values"][0]   # its one image
 
 
@@ -75,13 +77,13 @@ def test_llava_med_computes_what_the_original_computes(converted, clip, scan):
 
     src, dest, output = converted["llava-med"]
     student = load_student(str(dest))
-    assert (student.chat_template, student.pad_to_square, student.grid) == ("vicuna_v1", True, 4)
+    assert (student.chat_template, student_geometry(dest), student.grid) == ("vicuna_v1", True, 4)
     record = json.loads((dest / "medalign.json").read_text())
     assert record["vision_tower"]["weights_from"] == "clip_folder"
     assert record["vision_tower"]["checkpoint_copy_vs_clip_folder"]["identical"] is False
     assert "differs from the CLIP folder" in output and "id 32000" in output
 
-    prompt, pixels = _prompt_and_pixels(student, scan)
+    prompt, pixels = _prompt_and_pixels(student, dest, scan)
     # The pixels: an independent expand2square with the CLIP mean + CLIP's PIL preprocessing.
     reference_pixels = O.clip_pixels_reference(Image.open(scan / "scan.png"), pad=True)
     torch.testing.assert_close(pixels, reference_pixels, rtol=0, atol=1e-6)
@@ -105,11 +107,11 @@ def test_llava_med_computes_what_the_original_computes(converted, clip, scan):
 def test_huatuo_computes_what_the_original_computes(converted, scan):
     src, dest, output = converted["huatuo"]
     student = load_student(str(dest))
-    assert (student.chat_template, student.pad_to_square) == ("huatuo_v1", True)
+    assert (student.chat_template, student_geometry(dest)) == ("huatuo_v1", True)
     record = json.loads((dest / "medalign.json").read_text())
     assert record["vision_tower"]["weights_from"] == "checkpoint"          # HuatuoGPT-Vision's own copy
     assert record["vocab_size"] == record["original_vocab_size"]           # Qwen2's padded vocab has room
-    prompt, pixels = _prompt_and_pixels(student, scan)
+    prompt, pixels = _prompt_and_pixels(student, dest, scan)
     tok = O.qwen_tokenizer()                                              # no BOS: pieces as they are
     before, after = (f"{VICUNA} <|user|>: <image>\nWhat is shown? <|assistant|>:").split("<image>")
     chunks = [tok(before)["input_ids"], tok(after)["input_ids"]]
@@ -205,9 +207,10 @@ def test_llava_llama_converts_too(tmp_path, clip, scan):
 
     src = O.write_llava_med(tmp_path / "llava-llama", model_type="llava_llama",
                             architectures=["LlavaLlamaForCausalLM"])
-    convert(src, tmp_path / "hf", vision_tower=clip, progress=False)
-    student = load_student(str(tmp_path / "hf"))
-    prompt, pixels = _prompt_and_pixels(student, scan)
+    dest = tmp_path / "hf"
+    convert(src, dest, vision_tower=clip, progress=False)
+    student = load_student(str(dest))
+    prompt, pixels = _prompt_and_pixels(student, dest, scan)
     sp = spm.SentencePieceProcessor(model_file=str(O.mistral_sentencepiece()))
     before, after = f"{VICUNA} USER: <image>\nWhat is shown? ASSISTANT:".split("<image>")
     chunks = [[1] + sp.encode(before), sp.encode(after)]

@@ -333,12 +333,7 @@ def test_generation_equals_full_forward_argmax(runs):
     eos = s.processor.tokenizer.eos_token_id
     for b, it in enumerate(items):
         ids = torch.tensor(it["input_ids"][:lengths[b]])[None]
-        lo, hi = it["query_rows"]
-        visual = (ids[0] == s.image_token_id).nonzero()[:, 0][None]
-        for t in range(steps):
-            query = torch.zeros_like(ids, dtype=torch.bool)
-            query[0, lo:hi] = True
-            em.tap.set_batch(visual, query)
+        for t in range(steps):  # the loaded tap finds the image in each forward's ids itself
             logits = s.model(input_ids=ids, attention_mask=torch.ones_like(ids),
                              pixel_values=it["pixel_values"]).logits[0, -1]
             token = int(logits.argmax())
@@ -351,8 +346,6 @@ def test_generation_equals_full_forward_argmax(runs):
     # removes the tap, which the comparisons above need)
     it = items[0]
     prompt = torch.tensor(it["input_ids"][:lengths[0]])[None]
-    visual = (prompt[0] == s.image_token_id).nonzero()[:, 0][None]
-    em.tap.set_batch(visual, torch.zeros_like(prompt, dtype=torch.bool))
     aligned = s.model(input_ids=prompt, pixel_values=it["pixel_values"]).logits[0, -1]
     em.tap.remove()
     plain = s.model(input_ids=prompt, pixel_values=it["pixel_values"]).logits[0, -1]
