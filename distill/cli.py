@@ -17,10 +17,16 @@ from precompute.datasets import LANGUAGES, DatasetError
 from precompute.images import ImageError
 
 from .config import RunConfig, load_config_file
-from .precision import PRECISIONS, QUANTIZE
+from .precision import DTYPES, PRECISIONS, QUANTIZE
 from .templates import CHAT_TEMPLATES
 
 USER_ERRORS = (CacheError, DatasetError, ImageError, KeyError, ValueError, FileNotFoundError)
+
+
+def _one_line(e: Exception) -> click.ClickException:
+    """A user error as click's one `Error:` line (a KeyError's message without str()'s quotes)."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return click.ClickException(str(msg))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -146,8 +152,7 @@ def run(config_file, quiet, **flags):
         with _quiet_libraries(quiet):
             out = train(config, progress=not quiet).out
     except (RunError, *USER_ERRORS) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise click.ClickException(str(msg)) from e
+        raise _one_line(e) from e
     click.echo(f"run finished: {out}")
 
 
@@ -249,8 +254,7 @@ def eval_(run_dir, student, out, base_only, data, image_root, quiet, **kw):
             dest = evaluate(data, image_root, run=run_dir, student=student, out=out, base_only=base_only,
                             progress=not quiet, **kw)
     except (EvalError, LoadError, StudentError, MaskError, *USER_ERRORS) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise click.ClickException(str(msg)) from e
+        raise _one_line(e) from e
     m = json.loads((dest / "metrics.json").read_text())
     skipped = m["data"].get("skipped")
     if skipped:
@@ -350,8 +354,7 @@ def predict(run_dir, student, images, questions, together, data, image_root, lim
                               f"{run_dir or student}: student attention at layer {at}")
             click.echo(f"attention: {attention}")
     except (PredictError, LoadError, EvalError, StudentError, *USER_ERRORS) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise click.ClickException(str(msg)) from e
+        raise _one_line(e) from e
 
 
 def _rebase(records, root: Path, image_root: Path):
@@ -371,7 +374,7 @@ def _rebase(records, root: Path, image_root: Path):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
 @click.option("--merge", is_flag=True, default=False,
               help="Merge the LoRA adapter into the weights (the alignment transform stays a separate file).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="With --merge: dtype of the merged weights [the base checkpoint's].")
 def export(run_dir, out, merge, dtype):
     """Write a finished run as one self-contained folder: base, adapter (or merged), alignment, README.
@@ -390,8 +393,7 @@ def export(run_dir, out, merge, dtype):
     try:
         dest = run_export(run_dir, out, merge=merge, dtype=dtype)
     except (ExportError, LoadError, StudentError, *USER_ERRORS) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise click.ClickException(str(msg)) from e
+        raise _one_line(e) from e
     click.echo(f"exported: {dest} (load it with distill.load_medalign; see {dest / 'README.md'})")
 
 
@@ -450,8 +452,7 @@ def pictures(run_dir, keys, **kw):
         key_list = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
         result = make_pictures(run_dir, keys=key_list, **kw)
     except (PicturesError, StudentError, *USER_ERRORS) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise click.ClickException(str(msg)) from e
+        raise _one_line(e) from e
     for name, path in result.files.items():
         click.echo(f"{name}: {path}")
 

@@ -200,19 +200,21 @@ def vqa_metrics(predictions, references, answer_types) -> dict:
     open_ = [(p, r) for p, r, t in rows if t == "open"]
     closed_medalign = [(p, r) for p, r, t in rows if t in ("closed", None)]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    hits = [closed_hit(p, r) for p, r in closed]
+    recalls = [open_recall(p, r) for p, r in open_]
     out = {
         "closed": {"n": len(closed),
-                   "accuracy": mean([closed_hit(p, r) for p, r in closed]),
+                   "accuracy": mean(hits),
                    "accuracy_llava_med": mean([closed_hit_llava_med(p, r) for p, r in closed]),
                    "accuracy_medalign": mean([closed_hit_medalign(p, r) for p, r in closed])},
         "open": {"n": len(open_),
-                 "recall": mean([open_recall(p, r) for p, r in open_]),
+                 "recall": mean(recalls),
                  "f1": mean([open_f1(p, r) for p, r in open_])},
         "medalign": {"closed_n": len(closed_medalign),
                      "closed_accuracy": mean([closed_hit_medalign(p, r) for p, r in closed_medalign]),
-                     "open_n": len(open_), "open_recall": mean([open_recall(p, r) for p, r in open_])},
+                     "open_n": len(open_), "open_recall": mean(recalls)},
     }
-    scores = [closed_hit(p, r) for p, r in closed] + [open_recall(p, r) for p, r in open_]
+    scores = hits + recalls
     out["overall"] = {"n": len(scores), "score": mean(scores)}
     return out
 

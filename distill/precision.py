@@ -195,15 +195,3 @@ def prepare_for_kbit_training(model: nn.Module, dtype: torch.dtype) -> nn.Module
                 if p.dtype == torch.float32:
                     p.data = p.data.to(dtype)
     return model
-
-
-def refuse_merge_into_quantized(model: nn.Module, what: str = "merging the LoRA adapter") -> None:
-    """Merging LoRA into 4-/8-bit weights would round the trained update into the
-    quantization grid (and save a quantized model few tools load): refused, with the way
-    that works."""
-    found = quantized_linears(model)
-    if found:
-        kinds = "/".join(sorted(set(found.values())))
-        raise QuantizeError(f"{what} into a {kinds} base is refused: the merged weights would be rounded back to "
-                            f"{kinds} and lose most of the adapter. Load the unquantized base (16-bit, without "
-                            f"--quantize) and merge there: the adapter of a quantized run loads on it unchanged")

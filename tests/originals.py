@@ -47,6 +47,10 @@ def mistral_sentencepiece() -> Path:
 
 
 # ----------------------------------------------------------------------------- CLIP folder
+# The tiny CLIP vision tower every fixture writes, and the reference forward rebuilds.
+TOWER = dict(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+             num_attention_heads=2)
+
 
 def write_clip(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPModel
@@ -55,8 +59,7 @@ def write_clip(folder: Path, seed: int = 0) -> Path:
     config = CLIPConfig(
         text_config=dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=16),
-        vision_config=dict(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=3, num_attention_heads=2),
+        vision_config=dict(TOWER),
         projection_dim=16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -81,8 +84,7 @@ def _tower_state(seed: int) -> dict:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tower = CLIPVisionModel(CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=32,
-                                                 intermediate_size=64, num_hidden_layers=3, num_attention_heads=2))
+        tower = CLIPVisionModel(CLIPVisionConfig(**TOWER))
     # the 4.x layout the originals were saved with: vision_model.* (5.x drops the prefix in memory)
     return {(k if k.startswith("vision_model.") else "vision_model." + k): v for k, v in tower.state_dict().items()}
 
@@ -253,8 +255,7 @@ def original_logits(source: Path, tower_state: dict, pixels: torch.Tensor, chunk
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(text_type, **fields), dtype=torch.float32)
     lm.load_state_dict({k: v for k, v in state.items() if k.startswith(("model.embed", "model.layers", "model.norm",
                                                                          "lm_head"))}, strict=True)
-    tower = CLIPVisionModel(CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=32,
-                                             intermediate_size=64, num_hidden_layers=3, num_attention_heads=2))
+    tower = CLIPVisionModel(CLIPVisionConfig(**TOWER))
     # transformers 4.x names the tower's weights vision_model.*, 5.x without the prefix
     strip = not any(k.startswith("vision_model.") for k in tower.state_dict())
     tower.load_state_dict({(k[len("vision_model."):] if strip else k): v.float()
