@@ -80,7 +80,8 @@ class Table:
         return buf.getvalue()
 
 
-def final_losses(run: Path) -> dict:
+def last_metrics_row(run: Path) -> dict:
+    """The last complete row of RUN/metrics.jsonl, {} when there is none."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -91,6 +92,11 @@ def final_losses(run: Path) -> dict:
                 last = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a half-written last line of a running job
+    return last or {}
+
+
+def final_losses(run: Path) -> dict:
+    last = last_metrics_row(run)
     if not last:
         return {}
     return {"steps": last.get("step"), **{k: last.get(k) for k in ("loss", "ntp", "vis", "att")}}
@@ -100,7 +106,8 @@ def _skipped(metrics: dict) -> int | None:
     return metrics.get("data", {}).get("skipped")
 
 
-def _evals(root: Path, data_stem: str | None) -> list[tuple[str, dict]]:
+def evaluations(root: Path, data_stem: str | None = None) -> list[tuple[str, dict]]:
+    """(stem, metrics.json) of each evaluation in ROOT/eval/<stem>/ (only data_stem's when given), by stem."""
     found = []
     for m in sorted((root / "eval").glob("*/metrics.json")):
         stem = m.parent.name
@@ -115,15 +122,15 @@ def collect(paths, data_stem: str | None = None) -> list[Row]:
         if (p / "config.json").is_file():
             config = json.loads((p / "config.json").read_text())
             losses = final_losses(p)
-            evals = _evals(p, data_stem)
+            evals = evaluations(p, data_stem)
             for stem, m in evals:
                 rows.append(Row(str(p), "trained", config, stem, headline(m), losses, _skipped(m)))
             if not evals:
                 rows.append(Row(str(p), "trained", config, None, {}, losses))
-            for stem, m in _evals(p / "base", data_stem):
+            for stem, m in evaluations(p / "base", data_stem):
                 rows.append(Row(f"{p} (base)", "base", None, stem, headline(m), {}, _skipped(m)))
         elif (p / "base.json").is_file():
-            for stem, m in _evals(p, data_stem):
+            for stem, m in evaluations(p, data_stem):
                 rows.append(Row(str(p), "base", None, stem, headline(m), {}, _skipped(m)))
         # anything else (a stray file, a folder of pictures) is not a row
     if not rows:

@@ -51,8 +51,8 @@ from precompute.datasets import Record, load_records, resolve_image
 from . import grounding as G
 from . import metrics as M
 from .data import record_images
-from .inference import (EXPORT_RECORD, LoadError, MedAlignModel, decode, generate_batch, load_medalign,
-                        pad_token_id, read_run_config, student_attention)
+from .inference import (LoadError, MedAlignModel, decode, generate_batch, load_medalign, model_settings,
+                        pad_token_id, student_attention)
 from .student import StudentError
 
 log = logging.getLogger("medalign.eval")
@@ -151,16 +151,6 @@ def check_images(records: list[Record], image_root, data, on_error: str,
     skipped = [_skipped_row(r, "; ".join(f"{missing[k]}: no such file" for k in record_images(r, images)
                                          if k in missing)) for r in broken]
     return [r for r in records if r not in broken], skipped
-
-
-def images_mode(run) -> str:
-    """Which images of a record a run (or export) shows its student, before loading it."""
-    if run is None:
-        return "first"
-    run = Path(run)
-    if (run / EXPORT_RECORD).is_file():
-        return json.loads((run / EXPORT_RECORD).read_text()).get("images", "first")
-    return read_run_config(run).get("images", "first")
 
 
 def _skipped_row(record: Record, error: str) -> dict:
@@ -272,13 +262,13 @@ def evaluate(data, image_root, *, run=None, student: str | None = None, out=None
     stem = name or data_stem(data, split)
     dest = output_dir(run=run, base_only=base_only, out=out, stem=stem)
     records = select_records(data, image_root, fmt=fmt, split=split, lang=lang, limit=limit)
-    evaluated, missing = check_images(records, image_root, data, on_error, images_mode(run))
+    settings = model_settings(run) if run is not None else {}  # the run's (or export's), before loading it
+    evaluated, missing = check_images(records, image_root, data, on_error, settings.get("images", "first"))
     region_masks = G.load_masks(masks) if masks is not None else None
     if region_masks is not None and layer is None:
         if run is None:
             raise EvalError("--masks on a base student without a run needs --layer N (the decoder layer to read)")
-        layer = int(read_run_config(run)["layer"]) if not (Path(run) / EXPORT_RECORD).is_file() else \
-            int(json.loads((Path(run) / EXPORT_RECORD).read_text())["layer"])
+        layer = int(settings["layer"])
     if not evaluated:
         raise EvalError(f"{data}: none of its {len(records)} images was found under {image_root}; "
                         f"check --image-root")

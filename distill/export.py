@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .compare import evaluations, last_metrics_row
+from .evaluate import headline
 from .inference import EXPORT_RECORD, load_medalign, read_run_config
 from .student import CONVERSION_RECORD
 
@@ -35,18 +37,8 @@ class ExportError(ValueError):
     """An export that cannot be made as asked; the message says what to do."""
 
 
-def _final_metrics(run: Path) -> dict:
-    metrics = run / "metrics.jsonl"
-    lines = [line for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
-
-
 def _evaluations(run: Path) -> dict:
-    from .evaluate import headline
-    out = {}
-    for f in sorted((run / "eval").glob("*/metrics.json")):
-        out[f.parent.name] = {k: v for k, v in headline(json.loads(f.read_text())).items() if v is not None}
-    return out
+    return {stem: {k: v for k, v in headline(m).items() if v is not None} for stem, m in evaluations(run)}
 
 
 def export(run, out, *, merge: bool = False, dtype: str | None = None, progress: bool = True) -> Path:
@@ -93,7 +85,7 @@ def export(run, out, *, merge: bool = False, dtype: str | None = None, progress:
             "quantize": None if merge else config.get("quantize"),
             "pad_to_square": m.pad_to_square, "images": m.images, "layer": config["layer"],
             "run": {"path": str(run), "config": config},
-            "teacher": _teacher(run), "final_metrics": _final_metrics(run), "evaluations": _evaluations(run),
+            "teacher": _teacher(run), "final_metrics": last_metrics_row(run), "evaluations": _evaluations(run),
         }
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(readme(record, out.name))

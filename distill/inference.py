@@ -37,9 +37,9 @@ import torch
 
 from precompute.datasets import Record
 
-from .data import DistillDataset, record_images, split_errors, text_limit, visual_layout
+from .data import DistillDataset, split_errors, text_limit, visual_layout
 from .precision import DTYPES, autocast, resolve_precision
-from .rundir import ensure_tiny_student, require_finished
+from .rundir import STUDENT_RECORD, ensure_tiny_student, require_finished
 from .student import (DistillTap, Student, StudentError, load_adapter, load_alignment, load_student,
                       student_geometry)
 
@@ -65,10 +65,6 @@ class MedAlignModel:
     @property
     def model(self):
         return self.student.model
-
-    @property
-    def bf16(self) -> bool:
-        return self.precision == "bf16"
 
     def dataset(self, records, image_root) -> DistillDataset:
         """Prompts of `records` as this model is shown them. No truncation: an answer longer
@@ -129,10 +125,19 @@ def read_run_config(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def model_settings(path) -> dict:
+    """How a trained model was made: an exported folder's record (EXPORT_RECORD), else
+    the run's config.json (read_run_config: an error when there is none)."""
+    path = Path(path)
+    if (path / EXPORT_RECORD).is_file():
+        return json.loads((path / EXPORT_RECORD).read_text())
+    return read_run_config(path)
+
+
 def run_pad_to_square(run: Path, config: dict) -> bool:
     """The image geometry the run trained with: its student.json (written by training),
     else, for runs from before it, the config's value or the cache teacher's preprocessing."""
-    record = Path(run) / "student.json"
+    record = Path(run) / STUDENT_RECORD
     if record.is_file():
         return bool(json.loads(record.read_text())["pad_to_square"])
     if config.get("pad_to_square") is not None:
@@ -163,8 +168,7 @@ class _Parts:
     info: dict
 
 
-def _run_parts(run: Path, student: str | None) -> _Parts:
-    config = read_run_config(run)
+def _run_parts(run: Path, config: dict, student: str | None) -> _Parts:
     if student is not None and student != config["student"]:
         raise LoadError(f"--student {student!r} differs from the run's student {config['student']!r}; "
                         f"a run is evaluated on the base it was trained from")
@@ -177,8 +181,7 @@ def _run_parts(run: Path, student: str | None) -> _Parts:
                   quantize=config.get("quantize"), info={"run": str(run), "student": config["student"]})
 
 
-def _export_parts(folder: Path) -> _Parts:
-    record = json.loads((folder / EXPORT_RECORD).read_text())
+def _export_parts(folder: Path, record: dict) -> _Parts:
     adapter, alignment = folder / "adapter", folder / "alignment"
     return _Parts(base=folder / "student", chat_template=record.get("chat_template"),
                   adapter=adapter if (adapter / "adapter_config.json").is_file() else None,
@@ -208,7 +211,8 @@ def load_medalign(path=None, *, student: str | None = None, base_only: bool = Fa
         exported = (path / EXPORT_RECORD).is_file()
         if not exported and not base_only:  # the base needs nothing of the run but its config
             require_finished(path, doing)
-        parts = _export_parts(path) if exported else _run_parts(path, student)
+        settings = model_settings(path)
+        parts = _export_parts(path, settings) if exported else _run_parts(path, settings, student)
     elif student is not None:
         base = _student_dir(student, Path(home) if home is not None else Path("."))
         parts = _Parts(base=base, chat_template=None, adapter=None, alignment=None, layer=None,
@@ -335,4 +339,4 @@ def decode(m: MedAlignModel, new_ids: torch.Tensor) -> list[str]:
 
 
 __all__ = ["EXPORT_RECORD", "LoadError", "MedAlignModel", "StudentError", "decode", "generate_batch",
-           "left_pad_collate", "load_medalign", "read_run_config", "record_images", "run_pad_to_square"]
+           "left_pad_collate", "load_medalign", "model_settings", "read_run_config", "run_pad_to_square"]

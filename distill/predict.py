@@ -107,7 +107,7 @@ def attention_picture(out: Path, m: MedAlignModel, answers: list[Answer], image_
                       header: str) -> None:
     """One row per image: the image as the student saw it, the teacher's target (when the
     cache holds the image), the student's attention; titles carry the question and answer."""
-    from .pictures import answer_figure
+    from .pictures import _student_picture, answer_figure
 
     dataset = m.dataset([], image_root)
     grid = m.student.grid
@@ -119,11 +119,6 @@ def attention_picture(out: Path, m: MedAlignModel, answers: list[Answer], image_
                 t = group.targets(key, grid)[1].numpy()
                 teacher = t / t.max()
             rows.append({"key": key, "question": a.question, "answer": a.answer, "layer": layer,
-                         "picture": _picture(dataset, key, m), "student": att / max(float(att.max()), 1e-12),
-                         "teacher": teacher})
+                         "picture": _student_picture(dataset.pixels(key), m.student.processor.image_processor),
+                         "student": att / max(float(att.max()), 1e-12), "teacher": teacher})
     answer_figure(out, rows, grid, header)
-
-
-def _picture(dataset, key: str, m: MedAlignModel) -> np.ndarray:
-    from .pictures import _student_picture
-    return _student_picture(dataset.pixels(key), m.student.processor.image_processor)

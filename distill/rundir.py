@@ -4,6 +4,8 @@
     RUN/finished.json   written last and atomically, after adapter/ and alignment/: without
                         it the run is unfinished, whatever else the folder holds
     RUN/tiny-student/   (student "tiny") built in a temp folder and renamed into place
+    RUN/student.json    how the run showed the student its inputs (template, image geometry,
+                        quantize), written by training and read back by everything that loads it
 
 Two runs writing one folder mix their checkpoints, configs and metrics; a run killed
 between its final adapter and its alignment transform looks finished to anyone who
@@ -24,6 +26,7 @@ from pathlib import Path
 
 LOCK = "run.lock"
 FINISHED = "finished.json"
+STUDENT_RECORD = "student.json"
 # flock() on file systems mounted without lock support (Lustre without -o flock, some NFS)
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 

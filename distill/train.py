@@ -49,7 +49,7 @@ from .data import DistillDataset, SampleError, make_collate, record_images
 from .extras import require
 from .losses import attention_distill_loss, learned_positions, next_token_loss, visual_alignment_loss
 from .precision import DTYPES, LossScaler, autocast, prepare_for_kbit_training, resolve_precision
-from .rundir import (DISK_FULL, ensure_tiny_student, mark_finished, os_error_line, run_lock,
+from .rundir import (DISK_FULL, STUDENT_RECORD, ensure_tiny_student, mark_finished, os_error_line, run_lock,
                      unmark_finished)
 from .student import (AlignmentTransform, DistillTap, apply_lora, conversion_record, load_alignment,
                       load_student, save_alignment, student_geometry)
@@ -742,9 +742,6 @@ def _train(config: RunConfig, device: torch.device, dist: Dist, progress: bool) 
         log.info("done: adapter in %s", out / "adapter")
     dist.barrier()
     return TrainResult(out, student, transform, tap)
-
-
-STUDENT_RECORD = "student.json"
 
 
 def write_student_record(out: Path, student, path: str, pad: bool) -> None:

@@ -24,6 +24,8 @@ def _load(name):
 
 def test_mask_on_grid_is_area_exact():
     import numpy as np
+
+    from distill.grounding import attention_in_mask
     D = _load("data")
     mask = np.zeros((112, 112), dtype=bool)
     mask[:56, :56] = True
@@ -31,7 +33,7 @@ def test_mask_on_grid_is_area_exact():
         frac = D.mask_on_grid(mask, grid)
         assert frac.shape == (grid * grid,)
         assert abs(frac.mean() - 0.25) < 1e-6
-    assert D.mass_inside(np.ones(49), D.mask_on_grid(mask, 7)) == 0.25
+    assert attention_in_mask(np.ones(49), D.mask_on_grid(mask, 7)) == 0.25
 
 
 def test_fast_run_end_to_end(tmp_path):

@@ -131,7 +131,7 @@ def test_predict_pairs_and_attention_picture(world, tmp_path):
                "--question", "Where is the spot?", "--image-root", root, "--max-new-tokens", 4,
                "--attention", tmp_path / "att.png")
     assert r.exit_code == 0, r.output
-    assert r.output.count("\n> ") + r.output.startswith("> ") >= 0 and "s01.png" in r.output and "s02.png" in r.output
+    assert "s01.png" in r.output and "s02.png" in r.output
     assert (tmp_path / "att.png").is_file()
     width, height = Image.open(tmp_path / "att.png").size
     assert height > width / 2                          # two rows (one per image), three panels each

@@ -136,12 +136,7 @@ def write_dataset(root: Path, n_train: int, n_test: int, seed: int = 0) -> dict:
     (root / "reports.json").write_text(json.dumps(reports, indent=1) + "\n")
     (root / "cases.json").write_text(json.dumps(meta, indent=1) + "\n")
     return {"root": root, "image_root": root / "images", "train": root / "train.json", "test": root / "test.json",
-            "n_train_images": n_train, "n_test_images": n_test}
-
-
-def load_masks(root: Path) -> dict[str, np.ndarray]:
-    with np.load(Path(root) / "masks.npz") as z:
-        return {k.replace("__", "/"): z[k] for k in z.files}
+            "masks": root / "masks.npz", "n_train_images": n_train, "n_test_images": n_test}
 
 
 def mask_on_grid(mask: np.ndarray, grid: int) -> np.ndarray:
@@ -149,9 +144,3 @@ def mask_on_grid(mask: np.ndarray, grid: int) -> np.ndarray:
     n = mask.shape[0]
     up = np.kron(mask.astype(np.float32), np.ones((grid, grid), dtype=np.float32))    # [n*grid, n*grid]
     return up.reshape(grid, n, grid, n).mean(axis=(1, 3)).reshape(-1)
-
-
-def mass_inside(att: np.ndarray, cell_frac: np.ndarray) -> float:
-    """Share of an attention map's mass inside the mask (cells weighted by their coverage)."""
-    att = np.clip(np.asarray(att, dtype=np.float64), 0, None)
-    return float((att * cell_frac).sum() / max(att.sum(), 1e-12))

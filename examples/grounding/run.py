@@ -45,6 +45,7 @@ import teacher as T  # noqa: E402
 from distill.config import RunConfig  # noqa: E402
 from distill.data import DistillDataset, make_collate  # noqa: E402
 from distill.evaluate import evaluate, headline  # noqa: E402
+from distill.grounding import attention_in_mask, load_masks  # noqa: E402
 from distill.inference import load_medalign  # noqa: E402
 from distill.losses import cosine_similarity_matrix  # noqa: E402
 from distill.metrics import normalize_answer  # noqa: E402
@@ -106,7 +107,7 @@ def measure_run(em, test_json: Path, image_root: Path, group, masks: dict) -> di
             if masks[key].any():
                 frac = D.mask_on_grid(masks[key], s.grid)
                 a = tap.visual_attention[j].numpy()
-                inside.append(D.mass_inside(a, frac))
+                inside.append(attention_in_mask(a, frac))
                 chance.append(float(frac.mean()))
                 atts.setdefault(key, a)
     tap.remove()
@@ -121,10 +122,10 @@ def teacher_grounding(group, masks: dict, keys: list[str]) -> dict:
             continue
         _, a = group.targets(key, grid=group.native_grid)
         frac = D.mask_on_grid(masks[key], group.native_grid)
-        inside.append(D.mass_inside(np.asarray(a), frac))
+        inside.append(attention_in_mask(np.asarray(a), frac))
         chance.append(float(frac.mean()))
         _, a6 = group.targets(key, grid=6)
-        inside6.append(D.mass_inside(np.asarray(a6), D.mask_on_grid(masks[key], 6)))
+        inside6.append(attention_in_mask(np.asarray(a6), D.mask_on_grid(masks[key], 6)))
     return {"inside": float(np.mean(inside)), "chance": float(np.mean(chance)),
             "ratio": float(np.mean(inside) / np.mean(chance)), "inside_at_student_grid": float(np.mean(inside6)),
             "n_images": len(inside)}
@@ -163,7 +164,7 @@ def student_run(task: dict) -> dict:
     h = headline(json.loads((dest / "metrics.json").read_text()))
     kinds = per_kind_accuracy(dest)
     group = open_cache(out / "cache")["tiny"]
-    g = measure_run(em, ds["test"], ds["image_root"], group, D.load_masks(ds["root"]))
+    g = measure_run(em, ds["test"], ds["image_root"], group, load_masks(ds["masks"]))
     return {"seed": seed, "closed_acc": h["closed_acc"], "open_recall": h["open_recall"],
             "where_acc": kinds["where"], "type_acc": kinds["type"], "present_acc": kinds["present"], **g,
             "final_ntp": metrics[-1]["ntp"], "final_vis": metrics[-1].get("vis"),
@@ -216,7 +217,7 @@ def attention_picture(out: Path, image_root: Path, masks: dict, group, per_confi
                 values, grid = maps[c]
                 ax.imshow(upsample_map(values / max(values.max(), 1e-12), grid, 96), cmap="jet", alpha=0.45,
                           vmin=0, vmax=1)
-                share = D.mass_inside(values, D.mask_on_grid(masks[key], grid))
+                share = attention_in_mask(values, D.mask_on_grid(masks[key], grid))
                 ax.set_xlabel(f"in mask {share:.2f}", fontsize=6, labelpad=1)
             ax.contour(m, levels=[0.5], colors="white", linewidths=0.6)
             ax.set_xticks([])
@@ -290,7 +291,7 @@ def main(argv=None) -> dict:
 
     log(f"[1/4] data: {S['n_train']} train / {S['n_test']} test images")
     ds = D.write_dataset(out / "data", S["n_train"], S["n_test"], seed=0)
-    masks = D.load_masks(out / "data")
+    masks = load_masks(ds["masks"])
 
     log(f"[2/4] teacher: CLIP on {S['teacher_images']} own image-report pairs, {S['teacher_steps']} steps")
     t0 = time.perf_counter()
