@@ -248,7 +248,7 @@ def _dataset(f, ref: H5Image):
     if not isinstance(obj, h5py.Dataset):
         raise ImageError(f"{ref}: {ref.dataset} is a group, not a dataset; name a dataset inside it")
     kind = obj.dtype.kind
-    if kind not in "uif" or obj.dtype == np.bool_:
+    if kind not in "uif":  # bool is kind "b"
         hint = " (take the magnitude first)" if kind == "c" else ""
         raise ImageError(f"{ref}: {ref.dataset} holds {obj.dtype} values, not image intensities{hint}")
     return obj
@@ -305,11 +305,9 @@ def _to_image(pixels: np.ndarray, layout: str, limit: float | None, ref) -> Imag
             if bad:
                 raise ImageError(f"{ref}: {bad} of {pixels.size} values are NaN or infinite; fix or drop this "
                                  f"image (they would otherwise become arbitrary pixels)")
-        # One range for all channels: the colour balance is kept.
-        pixels = _to_uint8(pixels, 0.0, limit) if limit is not None else _to_uint8(pixels)
-    if pixels.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(pixels), mode="L").convert("RGB")
-    mode = "RGB" if pixels.shape[-1] == 3 else "RGBA"
+        # One range for all channels: the colour balance is kept. No limit: the image's own min..max.
+        pixels = _to_uint8(pixels, 0.0, limit)
+    mode = "L" if pixels.ndim == 2 else "RGB" if pixels.shape[-1] == 3 else "RGBA"
     return _to_rgb(Image.fromarray(np.ascontiguousarray(pixels), mode=mode))
 
 
@@ -320,8 +318,7 @@ def _image_datasets(f) -> list[tuple[str, int]]:
     found = []
 
     def visit(name, obj):
-        if isinstance(obj, h5py.Dataset) and obj.ndim in (3, 4) and obj.dtype.kind in "uif" \
-                and obj.dtype != np.bool_ and obj.shape[0] > 0:
+        if isinstance(obj, h5py.Dataset) and obj.ndim in (3, 4) and obj.dtype.kind in "uif" and obj.shape[0] > 0:
             try:
                 _layout(obj, H5Image(Path(f.filename), "/" + name, 0))
             except ImageError:
