@@ -280,11 +280,29 @@ def test_one_handle_per_file_reopened_when_the_file_changes(tmp_path, monkeypatc
     assert np.array_equal(pixels(H5Image(tmp_path / "a.h5", "/x", 0)), gray_rgb(255 - GRAY[0]))
     assert len(opened) == 3
     files = h5images._handles.files
-    assert len(files) == 2 and all(f.mode == "r" for _, f in files.values())      # read-only
+    assert len(files) == 2 and all(o.h5.mode == "r" for o in files.values())     # read-only
     h5images.close_files()                                       # e.g. before rewriting a file in place
     assert not files
     write_h5(tmp_path / "b.h5", x=GRAY)
     assert np.array_equal(pixels(H5Image(tmp_path / "b.h5", "/x", 0)), gray_rgb(GRAY[0]))
+
+
+def test_dataset_checks_are_kept_with_the_handle_failures_never(tmp_path):
+    """What a dataset passed (type, layout, `max`) is kept with its file's handle; a failed
+    check is reported on every read; a replaced file is checked anew."""
+    values = (RNG.random((3, 6, 7)) * 1000).astype(np.float32)
+    ref = H5Image(write_h5(tmp_path / "s.h5", {"": {"max": -1.0}}, x=values), "/x", 1)
+    for _ in range(2):
+        with pytest.raises(ImageError, match="'max' attribute of the file is -1.0"):
+            load_image(ref)
+    for limit in (1000.0, 500.0):
+        os.replace(write_h5(tmp_path / "new.h5", {"": {"max": limit}}, x=values), tmp_path / "s.h5")
+        for _ in range(2):
+            assert np.array_equal(pixels(ref), gray_rgb(stretched(values[1], 0, limit)))
+    os.replace(write_h5(tmp_path / "new.h5", x=values[:, None].repeat(2, axis=1)), tmp_path / "s.h5")
+    for _ in range(2):
+        with pytest.raises(ImageError, match=r"has shape \(3, 2, 6, 7\); an image stack is"):
+            load_image(ref)
 
 
 def test_two_dataloader_workers_read_with_their_own_handles(tmp_path):
