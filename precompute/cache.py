@@ -1028,10 +1028,12 @@ class TeacherGroup:
         try:
             return self._rows[key]
         except KeyError:
-            raise KeyError(
-                f"{key!r} is not in cache group {self.name!r} ({self.path}); add it with `medalign-cache build "
-                f"--teacher {self.metadata.get('teacher', self.name)} --group {self.name} --data <dataset "
-                f"naming it> --image-root <its image folder> --cache {self.cache_path}`") from None
+            raise KeyError(f"{key!r} is not in cache group {self.name!r} ({self.path}); {self._absent_fix()}") from None
+
+    def _absent_fix(self) -> str:
+        """How to get a key the group lacks into it (the end of index's error)."""
+        return (f"add it with `medalign-cache build --teacher {self.metadata.get('teacher', self.name)} --group "
+                f"{self.name} --data <dataset naming it> --image-root <its image folder> --cache {self.cache_path}`")
 
     def status(self, key: str) -> str:
         return STATUS_NAMES[int(self._status[self.index(key)])]
@@ -1045,10 +1047,14 @@ class TeacherGroup:
         state = int(self._status[row])
         if state == DONE:
             return row
-        fix = ("its image failed to load or compute (see failures.jsonl there); fix the image and rebuild"
-               if state == FAILED else "rerun the same `medalign-cache build` command to compute it")
         raise CacheError(f"{key!r} in cache group {self.name!r} ({self.path}) is {STATUS_NAMES[state]}, it has "
-                         f"no targets: {fix}")
+                         f"no targets: {self._not_done_fix(state)}")
+
+    def _not_done_fix(self, state: int) -> str:
+        """How to get targets for a key that is pending or failed (the end of _done_row's error)."""
+        if state == FAILED:
+            return "its image failed to load or compute (see failures.jsonl there); fix the image and rebuild"
+        return "rerun the same `medalign-cache build` command to compute it"
 
     def native_packed(self, key: str, similarity: bool = True, attention: bool = True
                       ) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -1108,6 +1114,8 @@ class TeacherGroup:
 class Cache(Mapping):
     """The teacher groups of a cache, by exact group name or by a teacher alias."""
 
+    group_class = TeacherGroup  # what __getitem__ opens (H5Cache: H5Group)
+
     def __init__(self, path, groups: dict[str, dict]):
         self.path = path
         self._meta = groups
@@ -1139,7 +1147,7 @@ class Cache(Mapping):
     def __getitem__(self, name: str) -> TeacherGroup:
         group = self._resolve(name)
         if group not in self._open:
-            self._open[group] = TeacherGroup(self.path, group, self._meta[group])
+            self._open[group] = self.group_class(self.path, group, self._meta[group])
         return self._open[group]
 
     def __contains__(self, name) -> bool:

@@ -15,6 +15,7 @@ import click
 from .build import BuildConfig, BuildError, build_cache, parse_part, verify_cache
 from .cache import CacheError, cache_location, open_cache
 from .datasets import LANGUAGES, DatasetError, normalize_key
+from .h5cache import GZIP_LEVEL, export_h5
 from .images import ImageError
 from .teachers import TeacherError, teacher_names
 
@@ -248,7 +249,7 @@ def show(cache_path, teacher, image_root, keys, n, patch, patch_xy, grid, out):
               help="Teacher group (name or alias); repeat it to put several groups in the file.")
 @click.option("--to", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The HDF5 file to write (*.h5 or *.hdf5; must not exist).")
-@click.option("--gzip-level", default=1, show_default=True,
+@click.option("--gzip-level", default=GZIP_LEVEL, show_default=True,
               help="Deflate level, 0 (none: larger, reads ~4x faster) .. 9.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(cache_path, teachers, out, gzip_level, quiet):
@@ -258,8 +259,6 @@ def export(cache_path, teachers, out, gzip_level, quiet):
     medalign-cache export --cache ./cache --teacher unimed --to cache.h5
     medalign-distill run --cache cache.h5 ...          # every command reads it like the folder
     """
-    from .h5cache import export_h5
-
     try:
         reports = export_h5(cache_path, teachers, out, gzip_level=gzip_level, progress=not quiet)
     except USER_ERRORS as e:

@@ -576,11 +576,12 @@ def _h5(data, source: _Source) -> list[Record]:
             raise DatasetError(f"{where}: {container} holds {len(stacks)} image stacks "
                                f"({', '.join(name for name, _ in stacks[:8]) or 'none'}); name one: "
                                f"\"{file}::<dataset>\"")
-        dataset = stacks[0][0]
-    try:
-        n = dataset_length(container, dataset)
-    except ValueError as e:
-        raise DatasetError(f"{where}: {e}") from None
+        dataset, n = stacks[0]
+    else:
+        try:
+            n = dataset_length(container, dataset)
+        except ValueError as e:
+            raise DatasetError(f"{where}: {e}") from None
     keys = [h5_key(file, dataset, i) for i in range(n)]
     if data.get("texts") is None:
         return [Record(id=key, images=(key,), turns=(), task="image") for key in keys]

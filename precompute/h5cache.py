@@ -33,14 +33,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .cache import (DONE, FAILED, KEYS_CHUNK, PENDING, ROOT_ATTR, SCHEMA_VERSION, STATUS_NAMES, Cache, CacheError,
-                    TeacherGroup, _check_group_schema, open_cache)
-from .h5images import H5_SUFFIXES, H5OpenError, is_hdf5, read_only
+from .cache import (DONE, FAILED, KEYS_CHUNK, PENDING, ROOT_ATTR, SCHEMA_VERSION, Cache, CacheError, TeacherGroup,
+                    _check_group_schema, open_cache)
+from .h5images import H5_SUFFIXES, H5OpenError, _one_line, is_hdf5, read_only
 
 EXPORT_ATTR = "medalign_export"
 GZIP_LEVEL = 1      # level 4 stores ~3% less, writes ~25% slower, reads the same (bench/bench_cache_read.py)
 BLOCK = 256         # rows read from the source and written per h5py call
-_STATUS_CODES = {name: code for code, name in STATUS_NAMES.items()}
 _inherited: list = []   # handles a forked child got from its parent: kept, never used or closed
 
 
@@ -54,16 +53,17 @@ def is_h5_cache(path) -> bool:
     return path.suffix.lower() in H5_SUFFIXES or is_hdf5(path)
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
 def _open(path: Path):
     try:
         return read_only(path)
     except H5OpenError as e:
         raise CacheError(f"{path}: {e}; --cache takes a cache folder or a single-file cache written by "
                          f"`medalign-cache export`") from None
+
+
+def _storage_size(h) -> int:
+    """Bytes the datasets of HDF5 group `h` take in the file (compressed chunks)."""
+    return sum(h[name].id.get_storage_size() for name in h)
 
 
 # ----------------------------------------------------------------------------- reader
@@ -126,25 +126,15 @@ class H5Group(TeacherGroup):
         state.update(_h5=None, _pid=None, _sim=None, _attn=None)
         return state
 
-    def index(self, key: str) -> int:
-        try:
-            return self._rows[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not in cache group {self.name!r} ({self.path}); build it into the cache "
-                           f"folder this file was exported from (`medalign-cache build`), then export again") from None
+    def _absent_fix(self) -> str:
+        return ("build it into the cache folder this file was exported from (`medalign-cache build`), then export "
+                "again")
 
-    def _done_row(self, key: str) -> int:
-        row = self.index(key)
-        state = int(self._status[row])
-        if state == DONE:
-            return row
+    def _not_done_fix(self, state: int) -> str:
         if state == FAILED:
-            fix = (f"its image failed to load or compute (reason in {self.path / 'failures.jsonl'}); fix the image, "
-                   f"rebuild the cache folder and export again")
-        else:
-            fix = "finish the build of the cache folder it was exported from and export again"
-        raise CacheError(f"{key!r} in cache group {self.name!r} ({self.path}) is {STATUS_NAMES[state]}, it has "
-                         f"no targets: {fix}")
+            return (f"its image failed to load or compute (reason in {self.path / 'failures.jsonl'}); fix the image, "
+                    f"rebuild the cache folder and export again")
+        return "finish the build of the cache folder it was exported from and export again"
 
     def _datasets(self):
         if self._pid != os.getpid():
@@ -188,8 +178,7 @@ class H5Group(TeacherGroup):
     def stored_bytes(self) -> int:
         """Bytes the group's datasets take in the file (compressed chunks)."""
         with _open(self.cache_path) as f:
-            h = f[self.name]
-            return sum(h[n].id.get_storage_size() for n in h)
+            return _storage_size(f[self.name])
 
     def close(self):
         if self._h5 is not None and self._pid == os.getpid():
@@ -200,11 +189,7 @@ class H5Group(TeacherGroup):
 class H5Cache(Cache):
     """The teacher groups of an HDF5 cache (lookup by name or alias, as Cache)."""
 
-    def __getitem__(self, name: str) -> H5Group:
-        group = self._resolve(name)
-        if group not in self._open:
-            self._open[group] = H5Group(self.path, group, self._meta[group])
-        return self._open[group]
+    group_class = H5Group
 
 
 def _attribute(value):
@@ -277,7 +262,7 @@ def _export_group(f, group, level: int, progress: bool) -> ExportReport:
     keys = group.keys()
     n, P = len(keys), group.num_patches
     M = P * (P - 1) // 2
-    status = np.array([_STATUS_CODES[group.status(k)] for k in keys], dtype=np.uint8)
+    status = np.asarray(group._status, dtype=np.uint8)  # the codes, one per key in the keys' order
     h = f.create_group(group.name)
     for name, value in group.metadata.items():
         h.attrs[name] = json.dumps(value, default=str)
@@ -309,7 +294,7 @@ def _export_group(f, group, level: int, progress: bool) -> ExportReport:
         bar.update(len(rows))
     bar.close()
     return ExportReport(group.name, n, int(done.sum()), int((status == FAILED).sum()),
-                        int((status == PENDING).sum()), sum(h[x].id.get_storage_size() for x in h))
+                        int((status == PENDING).sum()), _storage_size(h))
 
 
 def export_h5(cache, teachers, to, gzip_level: int = GZIP_LEVEL, progress: bool = True) -> list[ExportReport]:

@@ -36,8 +36,9 @@ Pixels (docs/formats.md, "Images in HDF5 files"):
 
 Handles: h5py file handles do not survive fork (a DataLoader worker must not use one its
 parent opened), and opening a file per sample is slow. So files are opened lazily,
-read-only, at most MAX_OPEN per process, kept open and reused, and the whole set is
-dropped (never used again, not closed) when the process id changes.
+read-only, at most MAX_OPEN per process, kept open and reused (with what was checked of
+each dataset read through them: type, layout, `max`), and the whole set is dropped (never
+used again, not closed) when the process id changes.
 """
 
 from __future__ import annotations
@@ -156,12 +157,34 @@ def _open_failure(path: Path, e: Exception) -> str:
     return f"cannot open it as HDF5 ({reason})"
 
 
+class _OpenFile:
+    """One cached handle: the file's identity when opened (a replaced file is reopened), the
+    h5py.File, and what load_h5_image has checked in it: dataset name -> _Stack. The checks
+    live and die with the handle."""
+
+    def __init__(self, identity: tuple, h5):
+        self.identity, self.h5 = identity, h5
+        self.stacks: dict[str, _Stack] = {}
+
+
+_UNREAD = object()  # a _Stack's limit before its first image that is not uint8
+
+
+@dataclass
+class _Stack:
+    """A dataset that passed _dataset and _layout in one open file, and its `max` attribute
+    (_max_attribute's result) once an image needed it."""
+    ds: "h5py.Dataset"  # noqa: F821 - h5py is imported on first use
+    layout: str
+    limit: object = _UNREAD
+
+
 class _Handles:
-    """This process's open files: path -> (file identity, h5py.File), least recently used first."""
+    """This process's open files: real path -> _OpenFile, least recently used first."""
 
     def __init__(self):
         self.pid = os.getpid()
-        self.files: OrderedDict[str, tuple] = OrderedDict()
+        self.files: OrderedDict[str, _OpenFile] = OrderedDict()
         self.lock = threading.Lock()
 
 
@@ -179,7 +202,7 @@ def _current() -> _Handles:
     return _handles
 
 
-def _cached_file(path: Path, state: _Handles):
+def _cached_file(path: Path, state: _Handles) -> _OpenFile:
     """The open handle of `path` (caller holds state.lock), reopened when the file was replaced."""
     real = os.path.realpath(path)
     try:
@@ -188,17 +211,16 @@ def _cached_file(path: Path, state: _Handles):
         raise H5OpenError("no such file") from None
     identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     hit = state.files.get(real)
-    if hit is not None and hit[0] == identity:
+    if hit is not None and hit.identity == identity:
         state.files.move_to_end(real)
-        return hit[1]
+        return hit
     if hit is not None:
         del state.files[real]
-        hit[1].close()
-    f = read_only(real)
-    state.files[real] = (identity, f)
+        hit.h5.close()
+    opened = state.files[real] = _OpenFile(identity, read_only(real))
     while len(state.files) > MAX_OPEN:
-        state.files.popitem(last=False)[1][1].close()
-    return f
+        state.files.popitem(last=False)[1].h5.close()
+    return opened
 
 
 def close_files() -> None:
@@ -207,7 +229,7 @@ def close_files() -> None:
     state = _current()
     with state.lock:
         while state.files:
-            state.files.popitem()[1][1].close()
+            state.files.popitem()[1].h5.close()
 
 
 # ----------------------------------------------------------------------------- reading
@@ -217,14 +239,22 @@ def load_h5_image(ref: H5Image) -> Image.Image:
     state = _current()
     try:
         with state.lock:  # eviction must not close a file another thread is reading
-            f = _cached_file(ref.file, state)
-            ds = _dataset(f, ref)
-            layout = _layout(ds, ref)
+            opened = _cached_file(ref.file, state)
+            stack = opened.stacks.get(ref.dataset)
+            if stack is None:  # checked once per handle; a failed check is not kept, so it is redone each time
+                ds = _dataset(opened.h5, ref)
+                stack = _Stack(ds, _layout(ds, ref))
+                opened.stacks[ref.dataset] = stack
+            ds = stack.ds
             if ref.index >= ds.shape[0]:
                 raise ImageError(f"{ref}: index {ref.index} is out of range: {ref.dataset} holds {ds.shape[0]} "
                                  f"images (0..{ds.shape[0] - 1})")
             pixels = ds[ref.index]
-            limit = None if pixels.dtype == np.uint8 else _max_attribute(ds, f, ref)
+            limit = None
+            if pixels.dtype != np.uint8:
+                if stack.limit is _UNREAD:
+                    stack.limit = _max_attribute(ds, opened.h5, ref)
+                limit = stack.limit
     except ImageError:
         raise
     except H5OpenError as e:
@@ -232,7 +262,7 @@ def load_h5_image(ref: H5Image) -> Image.Image:
     except Exception as e:  # noqa: BLE001 - a damaged chunk, a failed filter, a dangling external link
         raise ImageError(f"{ref}: cannot read it ({type(e).__name__}: {_one_line(e)}); check or copy the file "
                          f"again") from None
-    return _to_image(pixels, layout, limit, ref)
+    return _to_image(pixels, stack.layout, limit, ref)
 
 
 def _one_line(e: Exception) -> str:
@@ -248,7 +278,7 @@ def _dataset(f, ref: H5Image):
     if not isinstance(obj, h5py.Dataset):
         raise ImageError(f"{ref}: {ref.dataset} is a group, not a dataset; name a dataset inside it")
     kind = obj.dtype.kind
-    if kind not in "uif" or obj.dtype == np.bool_:
+    if kind not in "uif":  # bool is kind "b"
         hint = " (take the magnitude first)" if kind == "c" else ""
         raise ImageError(f"{ref}: {ref.dataset} holds {obj.dtype} values, not image intensities{hint}")
     return obj
@@ -305,11 +335,9 @@ def _to_image(pixels: np.ndarray, layout: str, limit: float | None, ref) -> Imag
             if bad:
                 raise ImageError(f"{ref}: {bad} of {pixels.size} values are NaN or infinite; fix or drop this "
                                  f"image (they would otherwise become arbitrary pixels)")
-        # One range for all channels: the colour balance is kept.
-        pixels = _to_uint8(pixels, 0.0, limit) if limit is not None else _to_uint8(pixels)
-    if pixels.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(pixels), mode="L").convert("RGB")
-    mode = "RGB" if pixels.shape[-1] == 3 else "RGBA"
+        # One range for all channels: the colour balance is kept. No limit: the image's own min..max.
+        pixels = _to_uint8(pixels, 0.0, limit)
+    mode = "L" if pixels.ndim == 2 else "RGB" if pixels.shape[-1] == 3 else "RGBA"
     return _to_rgb(Image.fromarray(np.ascontiguousarray(pixels), mode=mode))
 
 
@@ -320,8 +348,7 @@ def _image_datasets(f) -> list[tuple[str, int]]:
     found = []
 
     def visit(name, obj):
-        if isinstance(obj, h5py.Dataset) and obj.ndim in (3, 4) and obj.dtype.kind in "uif" \
-                and obj.dtype != np.bool_ and obj.shape[0] > 0:
+        if isinstance(obj, h5py.Dataset) and obj.ndim in (3, 4) and obj.dtype.kind in "uif" and obj.shape[0] > 0:
             try:
                 _layout(obj, H5Image(Path(f.filename), "/" + name, 0))
             except ImageError:
@@ -338,7 +365,7 @@ def image_datasets(path) -> list[tuple[str, int]]:
     H5OpenError if the file cannot be read."""
     state = _current()
     with state.lock:
-        return _image_datasets(_cached_file(Path(path), state))
+        return _image_datasets(_cached_file(Path(path), state).h5)
 
 
 def dataset_length(path, dataset: str) -> int:
@@ -347,7 +374,7 @@ def dataset_length(path, dataset: str) -> int:
     state = _current()
     try:
         with state.lock:
-            ds = _dataset(_cached_file(Path(path), state), ref)
+            ds = _dataset(_cached_file(Path(path), state).h5, ref)
             _layout(ds, ref)
             return int(ds.shape[0])
     except H5OpenError as e:

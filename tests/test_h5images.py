@@ -21,6 +21,7 @@ from precompute.cli import main as cache_cli
 from precompute.datasets import DatasetError, cache_keys, load_records, missing_images, normalize_key, resolve_image
 from precompute.h5images import H5Image
 from precompute.images import ImageError, load_image
+from tests.test_images import gray_rgb
 from tests.workers import ImagesIn
 
 RNG = np.random.default_rng(0)
@@ -120,17 +121,13 @@ def stretched(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return out
 
 
-def as_rgb(gray: np.ndarray) -> np.ndarray:
-    return np.repeat(gray[..., None], 3, axis=-1)
-
-
 def test_uint16_is_stretched_exactly_like_a_16bit_png(tmp_path):
     stack = RNG.integers(100, 3000, (3, 40, 56), dtype=np.uint16)   # 12-bit data in 16 bits
     write_h5(tmp_path / "s.h5", x=stack)
     for i in range(3):
         got = pixels(H5Image(tmp_path / "s.h5", "/x", i))
         assert np.array_equal(got, png_pixels(tmp_path, stack[i]))
-        assert np.array_equal(got, as_rgb(stretched(stack[i], stack[i].min(), stack[i].max())))
+        assert np.array_equal(got, gray_rgb(stretched(stack[i], stack[i].min(), stack[i].max())))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint16])
@@ -144,9 +141,9 @@ def test_other_dtypes_follow_the_documented_rule(tmp_path, dtype):
     for i in range(4):
         v = values[i]
         assert np.array_equal(pixels(H5Image(tmp_path / "minmax.h5", "/x", i)),
-                              as_rgb(stretched(v, v.min(), v.max())))
-        assert np.array_equal(pixels(H5Image(tmp_path / "fastmri.h5", "/x", i)), as_rgb(stretched(v, 0, 1500)))
-        assert np.array_equal(pixels(H5Image(tmp_path / "own.h5", "/x", i)), as_rgb(stretched(v, 0, 700)))
+                              gray_rgb(stretched(v, v.min(), v.max())))
+        assert np.array_equal(pixels(H5Image(tmp_path / "fastmri.h5", "/x", i)), gray_rgb(stretched(v, 0, 1500)))
+        assert np.array_equal(pixels(H5Image(tmp_path / "own.h5", "/x", i)), gray_rgb(stretched(v, 0, 700)))
 
 
 def test_float_colour_keeps_one_range_for_all_channels(tmp_path):
@@ -262,7 +259,7 @@ def test_a_file_locked_by_a_writer_is_one_line(tmp_path):
         writer.kill()
         writer.wait()
     # its writer was killed, never closed the file: readable again (no consistency flags in this format)
-    assert np.array_equal(pixels(resolve_image(tmp_path, "s.h5::cxr[1]")), as_rgb(GRAY[1]))
+    assert np.array_equal(pixels(resolve_image(tmp_path, "s.h5::cxr[1]")), gray_rgb(GRAY[1]))
 
 
 # ----------------------------------------------------------------------------- handles
@@ -280,14 +277,32 @@ def test_one_handle_per_file_reopened_when_the_file_changes(tmp_path, monkeypatc
             pixels(H5Image(tmp_path / "b.h5", "/x", i))
     assert len(opened) == 2                                      # 30 reads, one open per file
     os.replace(write_h5(tmp_path / "new.h5", x=255 - GRAY), tmp_path / "a.h5")   # replaced: reopened
-    assert np.array_equal(pixels(H5Image(tmp_path / "a.h5", "/x", 0)), as_rgb(255 - GRAY[0]))
+    assert np.array_equal(pixels(H5Image(tmp_path / "a.h5", "/x", 0)), gray_rgb(255 - GRAY[0]))
     assert len(opened) == 3
     files = h5images._handles.files
-    assert len(files) == 2 and all(f.mode == "r" for _, f in files.values())      # read-only
+    assert len(files) == 2 and all(o.h5.mode == "r" for o in files.values())     # read-only
     h5images.close_files()                                       # e.g. before rewriting a file in place
     assert not files
     write_h5(tmp_path / "b.h5", x=GRAY)
-    assert np.array_equal(pixels(H5Image(tmp_path / "b.h5", "/x", 0)), as_rgb(GRAY[0]))
+    assert np.array_equal(pixels(H5Image(tmp_path / "b.h5", "/x", 0)), gray_rgb(GRAY[0]))
+
+
+def test_dataset_checks_are_kept_with_the_handle_failures_never(tmp_path):
+    """What a dataset passed (type, layout, `max`) is kept with its file's handle; a failed
+    check is reported on every read; a replaced file is checked anew."""
+    values = (RNG.random((3, 6, 7)) * 1000).astype(np.float32)
+    ref = H5Image(write_h5(tmp_path / "s.h5", {"": {"max": -1.0}}, x=values), "/x", 1)
+    for _ in range(2):
+        with pytest.raises(ImageError, match="'max' attribute of the file is -1.0"):
+            load_image(ref)
+    for limit in (1000.0, 500.0):
+        os.replace(write_h5(tmp_path / "new.h5", {"": {"max": limit}}, x=values), tmp_path / "s.h5")
+        for _ in range(2):
+            assert np.array_equal(pixels(ref), gray_rgb(stretched(values[1], 0, limit)))
+    os.replace(write_h5(tmp_path / "new.h5", x=values[:, None].repeat(2, axis=1)), tmp_path / "s.h5")
+    for _ in range(2):
+        with pytest.raises(ImageError, match=r"has shape \(3, 2, 6, 7\); an image stack is"):
+            load_image(ref)
 
 
 def test_two_dataloader_workers_read_with_their_own_handles(tmp_path):
@@ -319,7 +334,7 @@ def test_forked_child_opens_its_own_handle(tmp_path, monkeypatch):
     if pid == 0:  # the child: report by exit code, never return into pytest
         code = 1
         try:
-            ok = np.array_equal(pixels(ref), as_rgb(GRAY[1]))
+            ok = np.array_equal(pixels(ref), gray_rgb(GRAY[1]))
             fresh = h5images._handles is not parent and h5images._inherited == [parent]
             code = 0 if ok and fresh and len(h5images._handles.files) == 1 else 3
         finally:
@@ -327,7 +342,7 @@ def test_forked_child_opens_its_own_handle(tmp_path, monkeypatch):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert h5images._handles is parent and len(parent.files) == 1
-    assert np.array_equal(pixels(ref), as_rgb(GRAY[1]))          # the parent's handle was left working
+    assert np.array_equal(pixels(ref), gray_rgb(GRAY[1]))          # the parent's handle was left working
 
 
 # ----------------------------------------------------------------------------- dataset formats
