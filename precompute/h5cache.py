@@ -93,7 +93,7 @@ class H5Group(TeacherGroup):
     missing, native_packed, native, targets, metadata, ...). Keys and status are read
     when it is opened; target rows when asked for, through one handle per process."""
 
-    def __init__(self, file: Path, name: str, metadata: dict):  # noqa: super().__init__ opens Zarr arrays
+    def __init__(self, file: Path, name: str, metadata: dict):  # no super().__init__: it opens Zarr arrays
         self.name, self.cache_path, self.path = name, Path(file), H5Path(file, f"/{name}")
         self.metadata = metadata
         self.num_patches = int(metadata["num_patches"])
